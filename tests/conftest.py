@@ -5,6 +5,7 @@ rotations and stroke widths, so a classifier can learn them (evaluate.py's tests
 that) while the files look to torchvision.datasets.MNIST exactly like the real ones.
 """
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the scripts are plain files at the top of the repository
 
 
 def write_idx(path, array):

@@ -1,0 +1,614 @@
+"""DDPM (Ho et al. 2020, https://arxiv.org/abs/2006.11239) on MNIST in one file.
+
+    python ddpm.py --dataset mnist            # CPU defaults: about 15 min on 2 cores
+    python ddpm.py --sample-only --ckpt runs/ddpm/ckpt.pt --num-samples 64
+    torchrun --nproc_per_node 2 ddpm.py --dataset mnist    # data-parallel, one process per GPU
+
+Training is Alg. 1 (L_simple, Eq. 14), sampling is Alg. 2. Outputs go to runs/ddpm/.
+"""
+# %% Config
+import argparse
+import contextlib
+import copy
+import io
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from tqdm import tqdm
+
+SCRIPT = "ddpm"
+# Defaults per device. CUDA: a 6.8M-parameter U-Net for good MNIST digits on one GPU.
+# CPU (and mps): a 1.2M-parameter U-Net that gives recognisable digits in about
+# 15 minutes on 2 cores. Flags override either.
+PRESETS = {
+    "cuda": dict(steps=10000, batch_size=256, lr=1e-3, base_channels=64, num_res_blocks=2,
+                 log_every=100, sample_every=2000, ckpt_every=2000, sample_batch_size=1000),
+    "cpu": dict(steps=3000, batch_size=64, lr=1e-3, base_channels=32, num_res_blocks=1,
+                log_every=10, sample_every=1000, ckpt_every=500, sample_batch_size=256),
+}
+# A checkpoint resumes only under the same values of these flags.
+RUN_FLAGS = ("dataset", "image_size", "base_channels", "channel_mult", "num_res_blocks",
+             "schedule", "timesteps")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line that says what to fix, not the whole usage block.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(preset):
+    d = PRESETS[preset]
+    both = lambda k: f"(default: {PRESETS['cuda'][k]} on CUDA, {PRESETS['cpu'][k]} otherwise)"
+    p = Parser(prog=f"{SCRIPT}.py", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="mnist",
+      help="mnist, fashion-mnist, cifar10, or a folder of images (any size, searched recursively)")
+    a("--data-dir", default="data", help="where torchvision datasets live or are downloaded")
+    a("--image-size", type=int, default=None,
+      help="side of the square images (default: 28 for (fashion-)mnist, 32 for cifar10, 64 for a folder)")
+    a("--out-dir", default=f"runs/{SCRIPT}", help="checkpoint, sample grids and GIFs go here")
+    a("--steps", type=int, default=d["steps"], help=f"training steps {both('steps')}")
+    a("--batch-size", type=int, default=d["batch_size"],
+      help=f"images per step and per process {both('batch_size')}")
+    a("--lr", type=float, default=d["lr"], help=f"AdamW learning rate {both('lr')}")
+    a("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (DDPM uses 1)")
+    a("--ema-decay", type=float, default=0.999, help="decay of the EMA of the weights used to sample")
+    a("--base-channels", type=int, default=d["base_channels"],
+      help=f"U-Net width at full resolution {both('base_channels')}")
+    a("--channel-mult", default="1,2,2",
+      help="width multiplier per U-Net level; the image is halved between levels")
+    a("--num-res-blocks", type=int, default=d["num_res_blocks"],
+      help=f"residual blocks per U-Net level {both('num_res_blocks')}")
+    a("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
+    a("--schedule", choices=["linear", "cosine"], default="linear",
+      help="linear betas 1e-4..0.02 (DDPM) or cosine alpha_bar (Nichol & Dhariwal 2021)")
+    a("--sigma", choices=["posterior", "beta"], default="posterior",
+      help="sampler variance: sigma_t^2 = beta_tilde_t (posterior, Eq. 7) or beta_t (Sec. 3.2)")
+    a("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
+      help="auto picks cuda, then mps, then cpu")
+    a("--seed", type=int, default=0, help="seeds the weights, the batches and the samples")
+    a("--compile", action="store_true", help="torch.compile the U-Net for training")
+    a("--resume", action="store_true", help="continue training from --ckpt")
+    a("--sample-only", action="store_true", help="only sample from --ckpt; no dataset needed")
+    a("--ckpt", default=None, help="checkpoint to write, resume or sample from (default: OUT_DIR/ckpt.pt)")
+    a("--num-samples", type=int, default=64, help="images in the final grid (and in --npz)")
+    a("--npz", default=None, help="also save the samples as uint8 NHWC under arr_0 in this .npz")
+    a("--sample-batch-size", type=int, default=d["sample_batch_size"],
+      help=f"images per sampling batch {both('sample_batch_size')}")
+    a("--log-every", type=int, default=d["log_every"], help=f"steps between log updates {both('log_every')}")
+    a("--sample-every", type=int, default=d["sample_every"],
+      help=f"steps between sample grids, 0 for none {both('sample_every')}")
+    a("--ckpt-every", type=int, default=d["ckpt_every"],
+      help=f"steps between checkpoints {both('ckpt_every')}")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse twice: the device decides which preset fills the defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="auto")
+    device = pre.parse_known_args(argv)[0].device
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    parser = build_parser("cuda" if cuda else "cpu")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "lr", "timesteps", "num_samples", "sample_batch_size",
+                 "log_every", "ckpt_every", "base_channels", "num_res_blocks"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("warmup", "sample_every", "grad_clip"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if not 0 <= args.ema_decay < 1:
+        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    try:
+        mult = [int(m) for m in args.channel_mult.split(",")]
+        assert all(m > 0 for m in mult)
+    except (ValueError, AssertionError):
+        parser.error(f"--channel-mult must be positive integers like 1,2,2, got {args.channel_mult!r}")
+    if args.image_size is not None:
+        check_image_size(args.image_size, len(mult), parser)
+    return args, parser
+
+
+def check_image_size(size, levels, parser):
+    factor = 2 ** (levels - 1)
+    if size < factor or size % factor:
+        parser.error(f"--image-size {size}: the U-Net halves it {levels - 1} times, so it must be a "
+                     f"positive multiple of {factor} (28, 32 and 64 work with --channel-mult 1,2,2)")
+
+
+# %% Noise schedule
+# Code index t = 0..T-1 is the paper's t = 1..T. Schedules are built in float64, then cast
+# to float32 once; the sampler's update arithmetic stays in float32.
+
+def make_betas(schedule, T):
+    """beta_1..beta_T: DDPM's linear schedule (Sec. 4) or the cosine one (Nichol & Dhariwal 2021, Eq. 17)."""
+    if schedule == "linear":
+        scale = 1000 / T  # 1e-4..0.02 is tuned for T = 1000; scaling keeps alpha_bar_T near 0 for other T
+        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+    s = 0.008  # small offset so that beta_1 is not vanishingly small (their Sec. 3.2)
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # clipped as in the paper, near t = T
+
+
+def q_sample(x0, t, eps, alpha_bar):
+    """Sample x_t ~ q(x_t | x_0) in closed form (DDPM Eq. 4): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+    ab = alpha_bar[t].view(-1, 1, 1, 1)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+
+def q_posterior(x0, xt, t, betas, alpha_bar):
+    """Mean and variance of q(x_{t-1} | x_t, x_0) (DDPM Eq. 6-7); the variance is beta_tilde_t."""
+    ab = alpha_bar[t].view(-1, 1, 1, 1)
+    ab_prev = torch.where(t > 0, alpha_bar[t - 1], torch.ones_like(alpha_bar[t])).view(-1, 1, 1, 1)
+    beta = betas[t].view(-1, 1, 1, 1)
+    mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * xt
+    return mean, beta * (1 - ab_prev) / (1 - ab)
+
+
+# %% Model
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the step (Transformer, Vaswani et al. 2017, Sec. 3.5), as in DDPM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def group_norm(ch):
+    return nn.GroupNorm(math.gcd(32, ch), ch)  # 32 groups as in DDPM where the width allows
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with GroupNorm and SiLU, the time embedding added in between."""
+
+    def __init__(self, c_in, c_out, t_dim):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time = nn.Linear(t_dim, c_out)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, t_emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time(t_emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual connection."""
+
+    def __init__(self, ch, heads=4):
+        super().__init__()
+        self.norm, self.heads = group_norm(ch), heads
+        self.qkv, self.out = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, H*W, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): the U-Net of DDPM (their Appendix B) in small. Residual blocks at each
+    level, self-attention at the lowest resolution, skip connections from down to up path."""
+
+    def __init__(self, channels=1, base=64, mult=(1, 2, 2), num_res_blocks=2):
+        super().__init__()
+        self.base, t_dim = base, 4 * base
+        self.time_mlp = nn.Sequential(nn.Linear(base, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.stem = nn.Conv2d(channels, base, 3, padding=1)
+        self.down, skips, ch = nn.ModuleList(), [base], base
+        for level, m in enumerate(mult):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(ch, base * m, t_dim))
+                ch = base * m
+                skips.append(ch)
+            if level < len(mult) - 1:
+                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))  # halve H and W
+                skips.append(ch)
+        self.mid = nn.ModuleList([ResBlock(ch, ch, t_dim), Attention(ch), ResBlock(ch, ch, t_dim)])
+        self.up = nn.ModuleList()
+        for level, m in reversed(list(enumerate(mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(ch + skips.pop(), base * m, t_dim))
+                ch = base * m
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.head = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)  # start at eps_theta = 0, as DDPM's code does
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, x, t):
+        t_emb = F.silu(self.time_mlp(timestep_embedding(t, self.base)))
+        run = lambda layer, h: layer(h, t_emb) if isinstance(layer, ResBlock) else layer(h)
+        h = self.stem(x)
+        skips = [h]
+        for layer in self.down:
+            h = run(layer, h)
+            skips.append(h)
+        for layer in self.mid:
+            h = run(layer, h)
+        for layer in self.up:
+            h = run(layer, torch.cat([h, skips.pop()], 1) if isinstance(layer, ResBlock) else h)
+        return self.head(h)
+
+
+def build_model(config, channels):
+    mult = tuple(int(m) for m in config["channel_mult"].split(","))
+    return UNet(channels, config["base_channels"], mult, config["num_res_blocks"])
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, for every parameter."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+# %% Data
+DATASETS = {"mnist": ("MNIST", 28), "fashion-mnist": ("FashionMNIST", 28), "cifar10": ("CIFAR10", 32)}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def default_image_size(dataset):
+    return DATASETS[dataset][1] if dataset in DATASETS else 64
+
+
+def load_images(dataset, data_dir, image_size):
+    """The whole training set as one uint8 tensor (N, C, H, W) at image_size x image_size.
+    Raises FileNotFoundError or ValueError with a message meant for the user."""
+    if dataset in DATASETS:
+        cls = getattr(torchvision.datasets, DATASETS[dataset][0])
+        try:
+            ds = cls(data_dir, train=True, download=False)
+        except RuntimeError:  # not on disk: try to download, quietly
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    ds = cls(data_dir, train=True, download=True)
+            except Exception as e:
+                raise FileNotFoundError(
+                    f"{dataset} is not in {data_dir}/ and could not be downloaded ({type(e).__name__}): "
+                    f"run once with a network, or put the files where torchvision looks "
+                    f"(for MNIST: {data_dir}/MNIST/raw/train-images-idx3-ubyte and its label file)") from None
+        x = torch.as_tensor(ds.data)
+        x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W) or CIFAR's (N, H, W, C)
+        if x.shape[-1] != image_size:
+            x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
+            x = x.round().clamp(0, 255).to(torch.uint8)
+        return x.contiguous()
+    folder = Path(dataset)
+    if not folder.is_dir():
+        if os.sep in dataset or "." in dataset or folder.exists():
+            raise FileNotFoundError(f"--dataset {dataset}: no such folder")
+        raise ValueError(f"unknown dataset {dataset!r}: use mnist, fashion-mnist, cifar10 or a folder of images")
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"--dataset {dataset}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    prep = torchvision.transforms.Compose([  # shorter side to image_size, then the central square
+        torchvision.transforms.Resize(image_size), torchvision.transforms.CenterCrop(image_size),
+        torchvision.transforms.PILToTensor()])
+    images = []
+    for f in tqdm(files, desc=f"reading {folder}", leave=False, disable=len(files) < 1000):
+        try:
+            images.append(prep(Image.open(f).convert("RGB")))
+        except OSError as e:
+            raise ValueError(f"cannot read image {f}: {e}") from None
+    return torch.stack(images)
+
+
+def get_batch(data, batch_size, generator):
+    """A random batch from the uint8 tensor on the device, scaled to [-1, 1] (DDPM Sec. 3.3)."""
+    idx = torch.randint(len(data), (batch_size,), device=data.device, generator=generator)
+    return data[idx].float() / 127.5 - 1
+
+
+# %% Training
+
+def loss_fn(model, x0, t, eps, alpha_bar):
+    """L_simple (DDPM Eq. 14, Alg. 1 line 5): || eps - eps_theta(sqrt(ab) x_0 + sqrt(1 - ab) eps, t) ||^2."""
+    return F.mse_loss(model(q_sample(x0, t, eps, alpha_bar), t).float(), eps)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename it: an interrupted write never leaves a broken file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, scripts=(SCRIPT,)):
+    """A checkpoint dict, read without executing code from the file (weights_only=True).
+    Raises FileNotFoundError or ValueError with a message meant for the user."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first, or pass --ckpt PATH")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}, it is corrupt or truncated ({type(e).__name__}): "
+                         f"use another --ckpt") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
+        found = ckpt.get("script") if isinstance(ckpt, dict) else None
+        raise ValueError(f"{path} is not a checkpoint of {' or '.join(s + '.py' for s in scripts)} "
+                         f"(it says {found!r}): pass one written by this script")
+    return ckpt
+
+
+def train(args, model, ema, opt, data, betas, alpha_bar, start_step, ckpt_path, rank, world):
+    """Alg. 1, repeated: sample x_0, t, eps; take a gradient step on L_simple; update the EMA."""
+    device = data.device
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.compile(net) if args.compile else net
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    gen = torch.Generator(device)
+    stop = []  # a Ctrl-C sets this; the loop then checkpoints at the next log step and exits
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    bar = tqdm(total=args.steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    losses, t_log, t_start, step = [], time.perf_counter(), time.perf_counter(), start_step
+    try:
+        for step in range(start_step + 1, args.steps + 1):  # step counts completed updates, 1-based
+            # Each step seeds its own generator from (seed, step, rank): a resumed run draws the very
+            # batches and noise an uninterrupted one would, so the checkpoint needs no RNG state.
+            gen.manual_seed((args.seed << 32) + step * world + rank)
+            x0 = get_batch(data, args.batch_size, gen)
+            t = torch.randint(len(betas), (args.batch_size,), device=device, generator=gen)
+            eps = torch.randn(x0.shape, device=device, generator=gen)
+            for group in opt.param_groups:  # linear warm-up (DDPM warms up over 5000 steps)
+                group["lr"] = args.lr * min(1.0, step / max(1, args.warmup))
+            with autocast:
+                loss = loss_fn(net, x0, t, eps, alpha_bar)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            # Early on the average would be dominated by the random initial weights, so the decay
+            # ramps up as (1 + n) / (10 + n), as in tf.train.ExponentialMovingAverage.
+            ema_update(ema, model, min(args.ema_decay, step / (step + 9)))
+            losses.append(loss.detach())
+            bar.update()
+            if step % args.log_every and step != args.steps:
+                continue
+            # Log step: the one place the loop waits for the GPU. Nothing is saved unless the
+            # losses of the interval and the weights are finite.
+            interval = torch.stack(losses).cpu()
+            finite = torch.isfinite(interval)
+            weights_ok = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
+            flags = torch.tensor([float(bool(stop)), float(not (finite.all() and weights_ok))], device=device)
+            if world > 1:  # every replica must stop at the same step
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[1]:
+                bad = step - len(interval) + 1 + int((~finite).nonzero()[0]) if not finite.all() else step
+                sys.exit(f"{SCRIPT}.py: the loss became non-finite at step {bad}; stopped. The last good "
+                         f"checkpoint ({ckpt_path}) is kept: resume it with a lower --lr.")
+            now = time.perf_counter()
+            img_s = len(interval) * args.batch_size * world / (now - t_log)
+            bar.set_postfix(loss=f"{interval.mean():.4f}", img_s=f"{img_s:.0f}")
+            if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps or flags[0]):
+                save_checkpoint(ckpt_path, {
+                    "script": SCRIPT, "config": vars(args), "step": step, "image_shape": list(data.shape[1:]),
+                    "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()})
+            if rank == 0 and args.sample_every and step % args.sample_every == 0 and step != args.steps:
+                images, _ = generate(ema, min(64, args.num_samples), data.shape[1:], betas, alpha_bar,
+                                     args.sigma, args.seed, args.sample_batch_size)
+                save_grid(images, Path(args.out_dir) / f"samples_{step:06d}.png")
+            losses, t_log = [], time.perf_counter()  # img/s counts training, not the saving above
+            if flags[0]:
+                break
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous_handler)
+    wall = time.perf_counter() - t_start
+    return step, wall, bool(stop)
+
+
+# %% Sampling
+
+@torch.no_grad()
+def p_sample_step(xt, t, eps_pred, z, betas, alpha_bar, sigma="posterior", clip_x0=True):
+    """One step of DDPM Alg. 2: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with mu_theta the posterior
+    mean (Eq. 7) at x_0 predicted from eps (Eq. 4 inverted). Unclipped, this mean is Eq. 11:
+    1 / sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_pred)."""
+    ab = alpha_bar[t].view(-1, 1, 1, 1)
+    x0_pred = (xt - (1 - ab).sqrt() * eps_pred) / ab.sqrt()
+    if clip_x0:  # the data lie in [-1, 1]; DDPM's released code clips here too
+        x0_pred = x0_pred.clamp(-1, 1)
+    mean, var = q_posterior(x0_pred, xt, t, betas, alpha_bar)
+    if sigma == "beta":  # sigma_t^2 = beta_t: the other choice of Sec. 3.2, about as good
+        var = betas[t].view(-1, 1, 1, 1)
+    not_last = (t > 0).float().view(-1, 1, 1, 1)  # Alg. 2 line 4: no noise at the last step
+    return mean + not_last * var.sqrt() * z
+
+
+@torch.no_grad()
+def p_sample_loop(model, shape, betas, alpha_bar, sigma="posterior", generator=None, n_frames=0, clip_x0=True):
+    """DDPM Alg. 2: x_T ~ N(0, I), then T steps down to x_0. Returns x_0 and n_frames x_t along the way."""
+    device = betas.device
+    x = torch.randn(shape, device=device, generator=generator)
+    keep = set(torch.linspace(0, len(betas) - 1, n_frames).round().long().tolist()) if n_frames else set()
+    frames = []
+    for i in reversed(range(len(betas))):
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            eps_pred = model(x, t)
+        z = torch.randn(shape, device=device, generator=generator)
+        x = p_sample_step(x, t, eps_pred.float(), z, betas, alpha_bar, sigma, clip_x0)
+        if i in keep:
+            frames.append(x.clamp(-1, 1).cpu())
+    return x, frames
+
+
+def generate(model, n, image_shape, betas, alpha_bar, sigma, seed, batch_size, n_frames=0):
+    """n samples as uint8 (n, C, H, W), drawn in batches; frames of the first batch for a GIF."""
+    gen = torch.Generator(betas.device).manual_seed(seed)
+    model.eval()
+    out, frames = [], []
+    for start in range(0, n, batch_size):
+        x, f = p_sample_loop(model, (min(batch_size, n - start), *image_shape), betas, alpha_bar, sigma,
+                             gen, n_frames if start == 0 else 0)
+        out.append(to_uint8(x))
+        frames = frames or f
+    model.train()
+    return torch.cat(out), frames
+
+
+def to_uint8(x):
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def save_grid(images, path, nrow=8):
+    """A uint8 (N, C, H, W) batch as one PNG grid."""
+    grid = torchvision.utils.make_grid(images[:nrow * nrow], nrow=nrow, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(path)
+
+
+def save_gif(frames, path, nrow=8):
+    """The reverse process x_T .. x_0 as an animated GIF, holding the last frame."""
+    grids = [torchvision.utils.make_grid(to_uint8(f[:nrow * nrow]), nrow=nrow, pad_value=255) for f in frames]
+    pics = [Image.fromarray(g.permute(1, 2, 0).squeeze(-1).numpy()) for g in grids]
+    pics[0].save(path, save_all=True, append_images=pics[1:], duration=[80] * (len(pics) - 1) + [2000], loop=0)
+
+
+def save_forward_strip(data, alpha_bar, path, n=8, cols=10, seed=0):
+    """Rows of real images noised by q(x_t | x_0) at cols evenly spaced t, from x_0 to x_T."""
+    gen = torch.Generator(data.device).manual_seed(seed)
+    x0 = get_batch(data, n, gen)
+    ts = torch.linspace(0, len(alpha_bar) - 1, cols).round().long().to(data.device)
+    eps = torch.randn(x0.shape, device=data.device, generator=gen)
+    xt = [q_sample(x0, t.repeat(n), eps, alpha_bar) for t in ts]
+    save_grid(to_uint8(torch.stack(xt, 1).flatten(0, 1)), path, nrow=cols)
+
+
+def write_samples(model, n, image_shape, betas, alpha_bar, args, out_dir):
+    """The final outputs: a grid, a GIF of the reverse process and, with --npz, the samples."""
+    t0 = time.perf_counter()
+    images, frames = generate(model, n, image_shape, betas, alpha_bar, args.sigma, args.seed,
+                              args.sample_batch_size, n_frames=40)
+    if betas.device.type == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    save_grid(images, out_dir / "samples.png")
+    save_gif(frames, out_dir / "reverse.gif")
+    if args.npz:
+        Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy())  # uint8 NHWC, as FID tools read
+    where = f"{out_dir}/samples.png, {out_dir}/reverse.gif" + (f", {args.npz}" if args.npz else "")
+    print(f"sampled {n} images in {secs:.1f} s ({n / secs:.1f} img/s, {len(betas)} steps): {where}")
+
+
+# %% Main
+
+def setup_device(args, parser):
+    """The device (cuda, then mps, then cpu) and, under torchrun, the process group."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    kind = args.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        parser.error("--device mps: MPS is not available; use --device cpu")
+    device = torch.device(kind, int(os.environ.get("LOCAL_RANK", 0))) if kind == "cuda" else torch.device(kind)
+    if world > 1:
+        if kind == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device, rank, world
+
+
+def main(argv=None):
+    """Train (or with --sample-only, sample); returns the EMA model."""
+    args, parser = parse_args(argv)
+    device, rank, world = setup_device(args, parser)
+    out_dir = Path(args.out_dir)
+    ckpt_path = Path(args.ckpt) if args.ckpt else out_dir / "ckpt.pt"
+    ckpt = None
+    if args.sample_only or args.resume:
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
+    elif ckpt_path.exists():
+        parser.error(f"{ckpt_path} exists: pass --resume to continue it, or a new --out-dir to start afresh")
+    if args.resume:
+        for flag in RUN_FLAGS:
+            if ckpt["config"].get(flag) != getattr(args, flag):
+                parser.error(f"{ckpt_path} was trained with --{flag.replace('_', '-')} {ckpt['config'].get(flag)}, "
+                             f"not {getattr(args, flag)}: pass the same value to resume it")
+    config = ckpt["config"] if args.sample_only else vars(args)
+    check_image_size(config["image_size"] or default_image_size(config["dataset"]),
+                     len(config["channel_mult"].split(",")), parser)
+    betas64 = make_betas(config["schedule"], config["timesteps"])
+    betas, alpha_bar = betas64.float().to(device), torch.cumprod(1 - betas64, 0).float().to(device)
+
+    if args.sample_only:
+        model = build_model(config, ckpt["image_shape"][0]).to(device)
+        try:
+            model.load_state_dict(ckpt["ema"])
+        except (KeyError, RuntimeError):
+            parser.error(f"{ckpt_path}: its weights do not fit its own config; it is damaged, use another --ckpt")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_samples(model, args.num_samples, ckpt["image_shape"], betas, alpha_bar, args, out_dir)
+        return model
+
+    size = args.image_size or default_image_size(args.dataset)
+    try:
+        data = load_images(args.dataset, args.data_dir, size).to(device)  # the whole set, on the device
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    if ckpt and list(data.shape[1:]) != ckpt["image_shape"]:
+        parser.error(f"{ckpt_path} was trained on {ckpt['image_shape']} images, this data is {list(data.shape[1:])}")
+    torch.manual_seed(args.seed)
+    model = build_model(config, data.shape[1]).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    start = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if device.type != "cuda":
+            print(f"no CUDA GPU: training on {device.type} with the small defaults (see --help for both sets)")
+        print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])} on {device}; U-Net of "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+              f"steps {start}..{args.steps}, batch {args.batch_size} x {world} process(es)")
+        save_forward_strip(data, alpha_bar, out_dir / "forward.png", seed=args.seed)
+    step, wall, interrupted = train(args, model, ema, opt, data, betas, alpha_bar, start, ckpt_path, rank, world)
+    if rank == 0:
+        n_img = (step - start) * args.batch_size * world
+        print(f"{'stopped' if interrupted else 'trained'} at step {step}: {step - start} steps in "
+              f"{wall / 60:.1f} min, {n_img / max(wall, 1e-9):.0f} img/s; checkpoint {ckpt_path}")
+    if interrupted:
+        sys.exit(130)  # the usual exit status after Ctrl-C
+    if rank == 0:
+        write_samples(ema, args.num_samples, data.shape[1:], betas, alpha_bar, args, out_dir)
+    if world > 1:
+        dist.destroy_process_group()
+    return ema
+
+
+if __name__ == "__main__":
+    main()
