@@ -28,14 +28,14 @@ from PIL import Image
 from tqdm import tqdm
 
 SCRIPT = "ddpm"
-# Defaults per device. CUDA: a 6.8M-parameter U-Net for good MNIST digits on one GPU.
-# CPU (and mps): a 1.2M-parameter U-Net that gives recognisable digits in about
-# 15 minutes on 2 cores. Flags override either.
+# Defaults per device. CUDA: a 6.1M-parameter U-Net that sees 2.56M images (43 epochs of
+# MNIST). CPU (and mps): a 0.64M-parameter U-Net, narrow at full resolution where
+# convolutions cost most, that gives recognisable digits in about 15 minutes on 2 cores.
 PRESETS = {
-    "cuda": dict(steps=10000, batch_size=256, lr=1e-3, base_channels=64, num_res_blocks=2,
-                 log_every=100, sample_every=2000, ckpt_every=2000, sample_batch_size=1000),
-    "cpu": dict(steps=3000, batch_size=64, lr=1e-3, base_channels=32, num_res_blocks=1,
-                log_every=10, sample_every=1000, ckpt_every=500, sample_batch_size=256),
+    "cuda": dict(steps=10000, batch_size=256, lr=1e-3, base_channels=64, channel_mult="1,2,2",
+                 num_res_blocks=2, log_every=100, sample_every=2000, ckpt_every=2000, sample_batch_size=1000),
+    "cpu": dict(steps=3000, batch_size=64, lr=1e-3, base_channels=16, channel_mult="1,2,4",
+                num_res_blocks=1, log_every=10, sample_every=1000, ckpt_every=500, sample_batch_size=256),
 }
 # A checkpoint resumes only under the same values of these flags.
 RUN_FLAGS = ("dataset", "image_size", "base_channels", "channel_mult", "num_res_blocks",
@@ -68,9 +68,9 @@ def build_parser(preset):
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (DDPM uses 1)")
     a("--ema-decay", type=float, default=0.999, help="decay of the EMA of the weights used to sample")
     a("--base-channels", type=int, default=d["base_channels"],
-      help=f"U-Net width at full resolution {both('base_channels')}")
-    a("--channel-mult", default="1,2,2",
-      help="width multiplier per U-Net level; the image is halved between levels")
+      help=f"U-Net width at full resolution, a multiple of 8 {both('base_channels')}")
+    a("--channel-mult", default=d["channel_mult"],
+      help=f"width multiplier per U-Net level, halving the image between levels {both('channel_mult')}")
     a("--num-res-blocks", type=int, default=d["num_res_blocks"],
       help=f"residual blocks per U-Net level {both('num_res_blocks')}")
     a("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
@@ -112,6 +112,8 @@ def parse_args(argv=None):
     for name in ("warmup", "sample_every", "grad_clip"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.base_channels % 8:
+        parser.error(f"--base-channels must be a multiple of 8 (GroupNorm uses 8 groups), got {args.base_channels}")
     if not 0 <= args.ema_decay < 1:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     try:
@@ -128,7 +130,7 @@ def check_image_size(size, levels, parser):
     factor = 2 ** (levels - 1)
     if size < factor or size % factor:
         parser.error(f"--image-size {size}: the U-Net halves it {levels - 1} times, so it must be a "
-                     f"positive multiple of {factor} (28, 32 and 64 work with --channel-mult 1,2,2)")
+                     f"positive multiple of {factor} (28, 32 and 64 work with 3 levels)")
 
 
 # %% Noise schedule
@@ -172,7 +174,7 @@ def timestep_embedding(t, dim):
 
 
 def group_norm(ch):
-    return nn.GroupNorm(math.gcd(32, ch), ch)  # 32 groups as in DDPM where the width allows
+    return nn.GroupNorm(8, ch)  # DDPM has 32 groups; 8 suit these narrower layers
 
 
 class ResBlock(nn.Module):

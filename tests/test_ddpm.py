@@ -115,6 +115,18 @@ def test_unclipped_step_mean_is_eq_11():
 
 
 @pytest.mark.parametrize("sigma", ["posterior", "beta"])
+def test_noise_is_added_except_at_the_last_step(sigma):
+    betas, alpha_bar = (s.float() for s in schedule("linear"))
+    xt, eps, z = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    t = torch.tensor([0, 500])
+    with_z = ddpm.p_sample_step(xt, t, eps, z, betas, alpha_bar, sigma, clip_x0=False)
+    without = ddpm.p_sample_step(xt, t, eps, 0 * z, betas, alpha_bar, sigma, clip_x0=False)
+    assert torch.equal(with_z[0], without[0])  # Alg. 2 line 4: z = 0 when t = 1
+    var = betas[500] if sigma == "beta" else betas[500] * (1 - alpha_bar[499]) / (1 - alpha_bar[500])
+    assert torch.allclose(with_z[1] - without[1], var.sqrt().expand(1, 2, 2))
+
+
+@pytest.mark.parametrize("sigma", ["posterior", "beta"])
 def test_sampler_reproduces_gaussian_data(sigma):
     mu, s = 0.3, 0.5
     betas, alpha_bar = schedule("linear")
