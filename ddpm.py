@@ -1,6 +1,6 @@
 """DDPM (Ho et al. 2020, https://arxiv.org/abs/2006.11239) on MNIST in one file.
 
-    python ddpm.py --dataset mnist            # CPU defaults: about 15 min on 2 cores
+    python ddpm.py --dataset mnist            # CPU defaults: about 15-20 min on 2 cores
     python ddpm.py --sample-only --ckpt runs/ddpm/ckpt.pt --num-samples 64
     torchrun --nproc_per_node 2 ddpm.py --dataset mnist    # data-parallel, one process per GPU
 
@@ -30,12 +30,12 @@ from tqdm import tqdm
 SCRIPT = "ddpm"
 # Defaults per device. CUDA: a 6.1M-parameter U-Net that sees 2.56M images (43 epochs of
 # MNIST). CPU (and mps): a 0.64M-parameter U-Net, narrow at full resolution where
-# convolutions cost most, that gives recognisable digits in about 15 minutes on 2 cores.
+# convolutions cost most, that gives recognisable digits in about 15-20 minutes on 2 cores.
 PRESETS = {
     "cuda": dict(steps=10000, batch_size=256, lr=1e-3, base_channels=64, channel_mult="1,2,2",
                  num_res_blocks=2, log_every=100, sample_every=2000, ckpt_every=2000, sample_batch_size=1000),
     "cpu": dict(steps=3000, batch_size=64, lr=1e-3, base_channels=16, channel_mult="1,2,4",
-                num_res_blocks=1, log_every=10, sample_every=1000, ckpt_every=500, sample_batch_size=256),
+                num_res_blocks=1, log_every=10, sample_every=1500, ckpt_every=500, sample_batch_size=256),
 }
 # A checkpoint resumes only under the same values of these flags.
 RUN_FLAGS = ("dataset", "image_size", "base_channels", "channel_mult", "num_res_blocks",
@@ -268,7 +268,9 @@ def ema_update(ema, model, decay):
 
 
 # %% Data
-DATASETS = {"mnist": ("MNIST", 28), "fashion-mnist": ("FashionMNIST", 28), "cifar10": ("CIFAR10", 32)}
+# name: (torchvision class, native image size, where torchvision looks for the files)
+DATASETS = {"mnist": ("MNIST", 28, "MNIST/raw/"), "fashion-mnist": ("FashionMNIST", 28, "FashionMNIST/raw/"),
+            "cifar10": ("CIFAR10", 32, "cifar-10-batches-py/")}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -290,8 +292,7 @@ def load_images(dataset, data_dir, image_size):
             except Exception as e:
                 raise FileNotFoundError(
                     f"{dataset} is not in {data_dir}/ and could not be downloaded ({type(e).__name__}): "
-                    f"run once with a network, or put the files where torchvision looks "
-                    f"(for MNIST: {data_dir}/MNIST/raw/train-images-idx3-ubyte and its label file)") from None
+                    f"put its files in {Path(data_dir) / DATASETS[dataset][2]} or run once with a network") from None
         x = torch.as_tensor(ds.data)
         x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W) or CIFAR's (N, H, W, C)
         if x.shape[-1] != image_size:
@@ -411,7 +412,7 @@ def train(args, model, ema, opt, data, betas, alpha_bar, start_step, ckpt_path, 
                     "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()})
             if rank == 0 and args.sample_every and step % args.sample_every == 0 and step != args.steps:
                 images, _ = generate(ema, min(64, args.num_samples), data.shape[1:], betas, alpha_bar,
-                                     args.sigma, args.seed, args.sample_batch_size)
+                                     args.sigma, args.seed, args.sample_batch_size, progress=False)
                 save_grid(images, Path(args.out_dir) / f"samples_{step:06d}.png")
             losses, t_log = [], time.perf_counter()  # img/s counts training, not the saving above
             if flags[0]:
@@ -442,13 +443,15 @@ def p_sample_step(xt, t, eps_pred, z, betas, alpha_bar, sigma="posterior", clip_
 
 
 @torch.no_grad()
-def p_sample_loop(model, shape, betas, alpha_bar, sigma="posterior", generator=None, n_frames=0, clip_x0=True):
-    """DDPM Alg. 2: x_T ~ N(0, I), then T steps down to x_0. Returns x_0 and n_frames x_t along the way."""
+def p_sample_loop(model, shape, betas, alpha_bar, sigma="posterior", generator=None, n_frames=0, clip_x0=True,
+                  desc=None):
+    """DDPM Alg. 2: x_T ~ N(0, I), then T steps down to x_0. Returns x_0 and n_frames x_t along the way;
+    with desc, a progress bar of that name."""
     device = betas.device
     x = torch.randn(shape, device=device, generator=generator)
     keep = set(torch.linspace(0, len(betas) - 1, n_frames).round().long().tolist()) if n_frames else set()
     frames = []
-    for i in reversed(range(len(betas))):
+    for i in tqdm(reversed(range(len(betas))), desc=desc, total=len(betas), disable=desc is None, leave=False):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             eps_pred = model(x, t)
@@ -459,14 +462,15 @@ def p_sample_loop(model, shape, betas, alpha_bar, sigma="posterior", generator=N
     return x, frames
 
 
-def generate(model, n, image_shape, betas, alpha_bar, sigma, seed, batch_size, n_frames=0):
+def generate(model, n, image_shape, betas, alpha_bar, sigma, seed, batch_size, n_frames=0, progress=True):
     """n samples as uint8 (n, C, H, W), drawn in batches; frames of the first batch for a GIF."""
     gen = torch.Generator(betas.device).manual_seed(seed)
     model.eval()
     out, frames = [], []
     for start in range(0, n, batch_size):
+        desc = f"sampling {start // batch_size + 1}/{math.ceil(n / batch_size)}" if progress else None
         x, f = p_sample_loop(model, (min(batch_size, n - start), *image_shape), betas, alpha_bar, sigma,
-                             gen, n_frames if start == 0 else 0)
+                             gen, n_frames if start == 0 else 0, desc=desc)
         out.append(to_uint8(x))
         frames = frames or f
     model.train()

@@ -303,7 +303,7 @@ def test_missing_data_without_network(capsys, tmp_path, monkeypatch):
     # Point the download at a closed local port, so the test never waits on a real network.
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
     expect_usage_error(capsys, ["--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "o"],
-                       "could not be downloaded")
+                       f"could not be downloaded (RuntimeError): put its files in {tmp_path / 'empty' / 'MNIST' / 'raw'}")
 
 
 def test_image_folder_trains(tmp_path):
