@@ -124,6 +124,10 @@ def parse_args(argv=None):
         parser.error(f"--channel-mult must be positive integers like 1,2,2, got {args.channel_mult!r}")
     if args.image_size is not None:
         check_image_size(args.image_size, len(mult), parser)
+    if Path(args.out_dir).is_file():  # checked now, not after hours of training
+        parser.error(f"--out-dir {args.out_dir} is a file: pass a folder")
+    if args.npz and Path(args.npz).is_dir():
+        parser.error(f"--npz {args.npz} is a folder: pass a file name such as samples.npz")
     return args, parser
 
 
@@ -142,7 +146,8 @@ def make_betas(schedule, T):
     """beta_1..beta_T: DDPM's linear schedule (Sec. 4) or the cosine one (Nichol & Dhariwal 2021, Eq. 17)."""
     if schedule == "linear":
         scale = 1000 / T  # 1e-4..0.02 is tuned for T = 1000; scaling keeps alpha_bar_T near 0 for other T
-        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+        # For T < 50 the scaled betas would pass 1 (alpha_t < 0): clip them as the cosine ones are.
+        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
     s = 0.008  # small offset so that beta_1 is not vanishingly small (their Sec. 3.2)
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
@@ -196,7 +201,8 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the pixels of a feature map, with a residual connection."""
+    """Multi-head self-attention over the pixels of a feature map, with a residual connection
+    (DDPM Appendix B puts it at the 16x16 level; here it sits at the lowest resolution)."""
 
     def __init__(self, ch, heads=4):
         super().__init__()
@@ -355,6 +361,9 @@ def load_checkpoint(path, scripts=(SCRIPT,)):
         found = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise ValueError(f"{path} is not a checkpoint of {' or '.join(s + '.py' for s in scripts)} "
                          f"(it says {found!r}): pass one written by this script")
+    missing = {"config", "step", "image_shape", "model", "ema", "opt"} - ckpt.keys()
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(sorted(missing))}: it is damaged, use another --ckpt")
     return ckpt
 
 

@@ -45,6 +45,14 @@ def test_linear_schedule_is_ddpms():
     assert alpha_bar[-1] < 1e-4  # x_T is almost pure noise
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("T", [10, 20, 100, 1000])
+def test_every_schedule_is_a_valid_diffusion(kind, T):
+    betas, alpha_bar = schedule(kind, T)
+    assert (betas > 0).all() and (betas < 1).all()  # 0 < alpha_t < 1: the step variances are valid
+    assert (alpha_bar[1:] < alpha_bar[:-1]).all() and alpha_bar[-1] > 0
+
+
 def test_cosine_schedule_follows_its_alpha_bar():
     T, s = 1000, 0.008
     _, alpha_bar = schedule("cosine", T)
@@ -331,6 +339,15 @@ def test_existing_checkpoint_is_never_overwritten(capsys, trained, tiny_mnist):
 def test_checkpoint_of_another_script(capsys, tmp_path):
     torch.save({"script": "latent", "model": {}}, tmp_path / "other.pt")
     expect_usage_error(capsys, ["--sample-only", "--ckpt", tmp_path / "other.pt"], "is not a checkpoint of ddpm.py")
+    torch.save({"script": "ddpm", "model": {}}, tmp_path / "partial.pt")
+    expect_usage_error(capsys, ["--sample-only", "--ckpt", tmp_path / "partial.pt"], "lacks config, ema, image_shape")
+
+
+def test_output_paths_are_checked_before_any_work(capsys, tmp_path, trained):
+    (tmp_path / "folder.npz").mkdir()
+    expect_usage_error(capsys, ["--sample-only", "--ckpt", trained, "--npz", tmp_path / "folder.npz"], "is a folder")
+    (tmp_path / "afile").write_text("")
+    expect_usage_error(capsys, ["--out-dir", tmp_path / "afile"], "is a file: pass a folder")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
