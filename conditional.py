@@ -789,6 +789,9 @@ def main(argv=None):
     config = ckpt["config"] if sampling else vars(args)
     check_image_size(config["image_size"] or default_image_size(config["dataset"]),
                      len(config["channel_mult"].split(",")), parser)
+    if (args.sampling_steps or 0) > config["timesteps"]:  # a checkpoint's T, not the --timesteps default
+        parser.error(f"--sampling-steps {args.sampling_steps} is more than the model's T = {config['timesteps']} "
+                     f"training steps: pick S from 1 to {config['timesteps']}")
     native = DATASETS[config["dataset"]][1] if config["dataset"] in DATASETS else None
     if args.sweep and (native is None or config["image_size"] not in (None, native)):
         parser.error(f"--sweep scores samples with evaluate.py, which knows {', '.join(DATASETS)} at their "

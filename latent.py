@@ -834,6 +834,9 @@ def main(argv=None):
     config = ckpt["config"] if args.sample_only else vars(args)
     check_image_size(config["image_size"] or default_image_size(config["dataset"]),
                      len(config["channel_mult"].split(",")), parser)
+    if (args.sampling_steps or 0) > config["timesteps"]:  # a checkpoint's T, not the --timesteps default
+        parser.error(f"--sampling-steps {args.sampling_steps} is more than the model's T = {config['timesteps']} "
+                     f"training steps: pick S from 1 to {config['timesteps']}")
     betas64 = make_betas(config["schedule"], config["timesteps"])
     betas, alpha_bar = betas64.float().to(device), torch.cumprod(1 - betas64, 0).float().to(device)
 

@@ -272,3 +272,9 @@ def test_bad_input_in_a_real_process_prints_one_line(tmp_path):
         r = run_cli(*argv, "--out-dir", tmp_path)
         assert r.returncode == 2
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_more_sampling_steps_than_the_checkpoints_T(capsys, trained):
+    # --timesteps keeps its default of 1000 here: the limit is the T the checkpoint was trained with (20).
+    expect_usage_error(capsys, ["--sample-only", "--ckpt", trained / "ckpt.pt", "--device", "cpu", "--out-dir",
+                                trained, "--sampling-steps", "50"], "--sampling-steps 50 is more than the model's T = 20")
