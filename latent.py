@@ -38,9 +38,9 @@ PRESETS = {
     "cuda": dict(steps=10000, batch_size=256, lr=1e-3, base_channels=128, channel_mult="1",
                  num_res_blocks=2, ae_steps=5000, ae_batch_size=128, ae_channels=64, log_every=100,
                  sample_every=2000, ckpt_every=2000, sample_batch_size=1000),
-    "cpu": dict(steps=4000, batch_size=128, lr=1e-3, base_channels=64, channel_mult="1",
+    "cpu": dict(steps=10000, batch_size=128, lr=1e-3, base_channels=64, channel_mult="1",
                 num_res_blocks=1, ae_steps=3000, ae_batch_size=64, ae_channels=32,
-                log_every=10, sample_every=2000, ckpt_every=500, sample_batch_size=250),
+                log_every=10, sample_every=4000, ckpt_every=500, sample_batch_size=250),
 }
 # A checkpoint resumes only under the same values of these flags.
 RUN_FLAGS = ("dataset", "image_size", "base_channels", "channel_mult", "num_res_blocks",
@@ -101,7 +101,8 @@ def build_parser(preset):
       help="auto picks cuda, then mps, then cpu")
     a("--seed", type=int, default=0, help="seeds the weights, the batches and the samples")
     a("--compile", action="store_true", help="torch.compile the U-Net for training")
-    a("--resume", action="store_true", help="continue training from --ckpt")
+    a("--resume", action="store_true",
+      help="continue training from --ckpt; keep --ae-steps, stage 1's learning rate decays over them")
     a("--sample-only", action="store_true", help="only sample from --ckpt; no dataset needed")
     a("--ckpt", default=None, help="stage 2's checkpoint to write, resume or sample from (default: OUT_DIR/ckpt.pt); "
       "it holds the autoencoder too. Stage 1's goes to OUT_DIR/ae.pt")
@@ -307,6 +308,19 @@ def conv_block(c_in, c_out):
     return [group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1)]
 
 
+class Residual(nn.Module):
+    """x + two conv_blocks: the U-Net's ResBlock without a time embedding. The autoencoder built of these
+    reached a reconstruction FID of 0.205 in 5,000 steps, where a plain stack of half its parameters reached
+    0.400 in as many (10,000 reconstructions, README)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.body = nn.Sequential(*conv_block(ch, ch), *conv_block(ch, ch))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
 class Autoencoder(nn.Module):
     """Stage 1 (Rombach et al. Sec. 3.1 and App. G, KL-reg): the encoder maps x (C_img, H, W) to the
     mean and log-variance of a diagonal Gaussian q(z | x) over z (C, H/f, W/f), f = 4 from two stride-2
@@ -316,14 +330,14 @@ class Autoencoder(nn.Module):
         super().__init__()
         b = base
         self.encoder = nn.Sequential(
-            nn.Conv2d(channels, b, 3, padding=1), *conv_block(b, b),
-            nn.Conv2d(b, b, 3, stride=2, padding=1), *conv_block(b, 2 * b),  # H/2
-            nn.Conv2d(2 * b, 2 * b, 3, stride=2, padding=1), *conv_block(2 * b, 2 * b),  # H/4
+            nn.Conv2d(channels, b, 3, padding=1), Residual(b),
+            nn.Conv2d(b, b, 3, stride=2, padding=1), *conv_block(b, 2 * b), Residual(2 * b),  # H/2
+            nn.Conv2d(2 * b, 2 * b, 3, stride=2, padding=1), Residual(2 * b),  # H/4
             *conv_block(2 * b, 2 * latent_channels))  # mean and log-variance
         self.decoder = nn.Sequential(
-            nn.Conv2d(latent_channels, 2 * b, 3, padding=1), *conv_block(2 * b, 2 * b), *conv_block(2 * b, 2 * b),
-            nn.Upsample(scale_factor=2), *conv_block(2 * b, b), *conv_block(b, b),  # H/2
-            nn.Upsample(scale_factor=2), *conv_block(b, b), *conv_block(b, channels))  # H
+            nn.Conv2d(latent_channels, 2 * b, 3, padding=1), Residual(2 * b), Residual(2 * b),
+            nn.Upsample(scale_factor=2), *conv_block(2 * b, b), Residual(b),  # H/2
+            nn.Upsample(scale_factor=2), Residual(b), *conv_block(b, channels))  # H
 
     def encode(self, x):
         mean, logvar = self.encoder(x).chunk(2, dim=1)
@@ -446,6 +460,15 @@ def loss_fn(model, x0, t, eps, alpha_bar):
     return F.mse_loss(model(q_sample(x0, t, eps, alpha_bar), t).float(), eps)
 
 
+def learning_rate(step, lr, warmup, decay_steps=None):
+    """Linear warm-up over warmup steps (DDPM warms up over 5000), then constant as in DDPM, or with
+    decay_steps a cosine decay that reaches 0 after the last of them. Stage 1 decays (its figures in the
+    README were measured so). Stage 2 does not: with a decay over 6,000 steps its samples scored FID 6.92
+    against 6.28 at a constant rate (1,000 samples, DDIM 50 steps), though its loss was lower."""
+    decay = 0.5 * (1 + math.cos(math.pi * (step - 1) / decay_steps)) if decay_steps else 1.0
+    return lr * min(1.0, step / max(1, warmup)) * decay
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename it: an interrupted write never leaves a broken file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -475,9 +498,10 @@ def load_checkpoint(path, scripts=(SCRIPT,)):
 
 
 def train(args, model, ema, opt, batch_loss, steps, batch_size, start_step, ckpt_path, extra, rank, world,
-          preview=None):
+          preview=None, decay=False):
     """Either stage, repeated: draw a batch and take a gradient step on batch_loss(net, generator); update
-    the EMA. Stage 1: ae_loss. Stage 2: Alg. 1, L_simple on the scaled latents. extra goes in the checkpoint."""
+    the EMA. Stage 1: ae_loss. Stage 2: Alg. 1, L_simple on the scaled latents. extra goes in the checkpoint;
+    decay: the learning rate falls to 0 over steps (learning_rate)."""
     device = next(model.parameters()).device
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if args.compile else net
@@ -493,8 +517,8 @@ def train(args, model, ema, opt, batch_loss, steps, batch_size, start_step, ckpt
             # Each step seeds its own generator from (seed, step, rank): a resumed run draws the very
             # batches and noise an uninterrupted one would, so the checkpoint needs no RNG state.
             gen.manual_seed((args.seed << 32) + step * world + rank)
-            for group in opt.param_groups:  # linear warm-up (DDPM warms up over 5000 steps)
-                group["lr"] = args.lr * min(1.0, step / max(1, args.warmup))
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, args.lr, args.warmup, steps if decay else None)
             with autocast:
                 loss = batch_loss(net, gen)
             opt.zero_grad(set_to_none=True)
@@ -896,7 +920,7 @@ def main(argv=None):
 
             extra = {"stage": "autoencoder", "image_shape": list(data.shape[1:]), "downsample_factor": DOWNSAMPLE}
             step, wall, interrupted = train(args, ae, ae_ema, ae_opt, stage1_loss, args.ae_steps, args.ae_batch_size,
-                                            start, ae_path, extra, rank, world)
+                                            start, ae_path, extra, rank, world, decay=True)
             timing["stage 1 (autoencoder)"] = (step - start, args.ae_batch_size * world, wall)
             if rank == 0:
                 print(f"{'stopped' if interrupted else 'trained'} stage 1 at step {step}: {step - start} steps in "

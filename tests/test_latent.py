@@ -90,6 +90,16 @@ def test_ae_loss_is_l1_plus_weighted_kl():
     assert latent.ae_loss(ae, x, eps, 0.5).item() == pytest.approx(rec.item() + 0.5 * kl.item(), rel=1e-5)
 
 
+def test_learning_rate_warms_up_then_is_constant_or_decays_to_zero():
+    assert [latent.learning_rate(s, 1e-3, 100) for s in (1, 50, 100, 5000)] == pytest.approx([1e-5, 5e-4, 1e-3, 1e-3])
+    lrs = [latent.learning_rate(step, 1e-3, 100, 1000) for step in range(1, 1001)]
+    assert lrs[0] == pytest.approx(1e-5)  # step 1 of a 100-step warm-up
+    assert max(lrs) == lrs[99] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 0.099)))
+    assert all(a >= b for a, b in zip(lrs[99:], lrs[100:]))  # falls from the end of warm-up on
+    assert lrs[500] == pytest.approx(0.5e-3)  # half way: half the peak
+    assert 0 < lrs[-1] < 1e-8  # the last step still moves, barely
+
+
 # ---- the command line, end to end ----
 
 @pytest.fixture(scope="module")
@@ -151,10 +161,12 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path, pixel_ckpt):
 def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_mnist, tmp_path, stage, name):
     common = ["--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY, "--log-every", "1", "--ckpt-every", "5",
               "--sample-every", "0", "--num-samples", "4"]
-    endless = ["--ae-steps", "100000", "--steps", "6"] if stage == "autoencoder" else ["--ae-steps", "6", "--steps", "100000"]
+    # Stage 1's learning rate decays over --ae-steps, so every run here has the same number: enough that
+    # the Ctrl-C, sent when the first checkpoint appears, lands long before the end.
+    steps = ["--ae-steps", "150", "--steps", "6"] if stage == "autoencoder" else ["--ae-steps", "6", "--steps", "150"]
     interrupted = tmp_path / "interrupted"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "latent.py"), *common, *endless, "--out-dir", str(interrupted)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "latent.py"), *common, *steps, "--out-dir", str(interrupted)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while not (interrupted / name).exists() and time.time() < deadline:
@@ -163,9 +175,8 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_mnist, tmp_path, 
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130
     k = torch.load(interrupted / name, weights_only=True)["step"]
-    assert f"stopped stage {1 if stage == 'autoencoder' else 2} at step {k}" in stdout and 5 <= k < 100000
+    assert f"stopped stage {1 if stage == 'autoencoder' else 2} at step {k}" in stdout and 5 <= k < 150
 
-    steps = ["--ae-steps", str(k + 4), "--steps", "6"] if stage == "autoencoder" else ["--ae-steps", "6", "--steps", str(k + 4)]
     # Both in processes of one thread, as the interrupted run: bit-equality needs the same summation order.
     r = run_cli(*common, *steps, "--out-dir", interrupted, "--resume")
     assert r.returncode == 0, r.stderr
