@@ -1,6 +1,6 @@
 """Latent diffusion (Rombach et al. 2022, https://arxiv.org/abs/2112.10752) on MNIST in one file.
 
-    python latent.py --dataset mnist            # CPU defaults: both stages in about 17 min on 2 cores (measured)
+    python latent.py --dataset mnist            # CPU defaults: both stages in about 34 min on 2 cores (measured)
     python latent.py --sample-only --ckpt runs/latent/ckpt.pt --num-samples 64
     python latent.py --dataset mnist --ae-ckpt runs/latent/ae.pt --out-dir runs/latent2   # reuse stage 1
 
@@ -33,7 +33,7 @@ SCRIPT = "latent"
 DOWNSAMPLE = 4  # f of Rombach et al.: two stride-2 convolutions, 28x28 images to 7x7 latents
 # Defaults per device. Stage 2's U-Net has a single level: MNIST's 7x7 latents cannot be halved
 # evenly (7 is odd), and at 7x7 the self-attention in its middle already sees every position, so
-# more levels buy little. CPU: both stages together took 16.8 min of training (17.6 wall) on 2 cores.
+# more levels buy little. CPU: both stages together took 33.0 min of training (34.0 wall) on 2 cores.
 PRESETS = {
     "cuda": dict(steps=10000, batch_size=256, lr=1e-3, base_channels=128, channel_mult="1",
                  num_res_blocks=2, ae_steps=5000, ae_batch_size=128, ae_channels=64, log_every=100,
@@ -464,7 +464,7 @@ def learning_rate(step, lr, warmup, decay_steps=None):
     """Linear warm-up over warmup steps (DDPM warms up over 5000), then constant as in DDPM, or with
     decay_steps a cosine decay that reaches 0 after the last of them. Stage 1 decays (its figures in the
     README were measured so). Stage 2 does not: with a decay over 6,000 steps its samples scored FID 6.92
-    against 6.28 at a constant rate (1,000 samples, DDIM 50 steps), though its loss was lower."""
+    against 6.28 at a constant rate (1,000 samples, DDIM 50 steps, eta 1), though its loss was lower."""
     decay = 0.5 * (1 + math.cos(math.pi * (step - 1) / decay_steps)) if decay_steps else 1.0
     return lr * min(1.0, step / max(1, warmup)) * decay
 
