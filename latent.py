@@ -871,7 +871,8 @@ def main(argv=None):
             model.load_state_dict(ckpt["ema"])
             ae.load_state_dict(ckpt["ae"])
         except (KeyError, RuntimeError):
-            parser.error(f"{ckpt_path}: its weights do not fit its own config; it is damaged, use another --ckpt")
+            parser.error(f"{ckpt_path}: its weights do not fit this latent.py's models (damaged, or written by an "
+                         f"older version): use another --ckpt")
         out_dir.mkdir(parents=True, exist_ok=True)
         write_samples(model, ae.eval(), ckpt["scale_factor"], args.num_samples, ckpt["latent_shape"], args, betas,
                       alpha_bar, out_dir)
@@ -896,16 +897,20 @@ def main(argv=None):
     ae_config = ckpt["ae_config"] if ckpt else ae_ckpt["config"] if args.ae_ckpt else vars(args)
     ae = build_autoencoder(ae_config, data.shape[1]).to(device)
     ae_ema = copy.deepcopy(ae).requires_grad_(False)
-    if ckpt:
-        ae_ema.load_state_dict(ckpt["ae"])
-    else:
-        ae_opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-        start = 0
-        if ae_ckpt:
+    ae_opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    start = 0
+    try:
+        if ckpt:
+            ae_ema.load_state_dict(ckpt["ae"])
+        elif ae_ckpt:
             ae.load_state_dict(ae_ckpt["model"])
             ae_ema.load_state_dict(ae_ckpt["ema"])
             ae_opt.load_state_dict(ae_ckpt["opt"])
             start = ae_ckpt["step"]
+    except (KeyError, RuntimeError, ValueError):
+        parser.error(f"{ckpt_path if ckpt else ae_path}: its autoencoder does not fit this latent.py's (damaged, or "
+                     f"written by an older version): train a new one in a new --out-dir")
+    if not ckpt:
         if not args.ae_ckpt and start < args.ae_steps:
             if rank == 0:
                 print(f"stage 1, {args.dataset}: {len(data)} images {tuple(data.shape[1:])} on {device}; autoencoder "

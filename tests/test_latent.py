@@ -245,6 +245,23 @@ def test_autoencoder_checkpoint_that_does_not_match(capsys, tmp_path, trained, t
     assert not (tmp_path / "o").exists()
 
 
+def test_autoencoder_weights_that_do_not_fit(capsys, tmp_path, trained, tiny_mnist):
+    # As an autoencoder of an older latent.py would be: right f and C, other layers.
+    old = latent.Autoencoder(1, base=8, latent_channels=4)
+    old.decoder = old.decoder[:3]
+    ae = torch.load(trained / "ae.pt", weights_only=True)
+    ae["model"] = ae["ema"] = old.state_dict()
+    torch.save(ae, tmp_path / "old_ae.pt")
+    expect_usage_error(capsys, ["--data-dir", tiny_mnist, *TINY, "--out-dir", tmp_path / "o", "--ae-ckpt",
+                                tmp_path / "old_ae.pt"], "old_ae.pt: its autoencoder does not fit this latent.py's")
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    ckpt["ae"] = old.state_dict()
+    (tmp_path / "r").mkdir()
+    torch.save(ckpt, tmp_path / "r" / "ckpt.pt")
+    expect_usage_error(capsys, ["--data-dir", tiny_mnist, *TINY, "--out-dir", tmp_path / "r", "--resume"],
+                       "ckpt.pt: its autoencoder does not fit this latent.py's")
+
+
 def test_existing_checkpoints_are_never_overwritten(capsys, trained, tiny_mnist, tmp_path):
     before = digest(trained / "ckpt.pt"), digest(trained / "ae.pt")
     expect_usage_error(capsys, ["--data-dir", tiny_mnist, "--out-dir", trained, *TINY], "exists: pass --resume")
