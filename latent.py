@@ -927,11 +927,7 @@ def main(argv=None):
             step, wall, interrupted = train(args, ae, ae_ema, ae_opt, stage1_loss, args.ae_steps, args.ae_batch_size,
                                             start, ae_path, extra, rank, world, decay=True)
             timing["stage 1 (autoencoder)"] = (step - start, args.ae_batch_size * world, wall)
-            if rank == 0:
-                print(f"{'stopped' if interrupted else 'trained'} stage 1 at step {step}: {step - start} steps in "
-                      f"{wall / 60:.1f} min; checkpoint {ae_path}")
-            if interrupted:
-                sys.exit(130)  # the usual exit status after Ctrl-C
+            end_stage(1, step, start, wall, ae_path, interrupted, rank)
         if rank == 0:
             evaluate_autoencoder(ae_ema, data, args, out_dir)
     ae_ema.eval()
@@ -975,17 +971,22 @@ def main(argv=None):
                                     extra, rank, world, preview)
     timing["stage 2 (latent diffusion, with encoding the data once)"] = (step - start, args.batch_size * world,
                                                                         wall + encode_s)
-    if rank == 0:
-        print(f"{'stopped' if interrupted else 'trained'} stage 2 at step {step}: {step - start} steps in "
-              f"{wall / 60:.1f} min; checkpoint {ckpt_path}")
-    if interrupted:
-        sys.exit(130)  # the usual exit status after Ctrl-C
+    end_stage(2, step, start, wall, ckpt_path, interrupted, rank)
     if rank == 0:
         secs = write_samples(ema, ae_ema, scale, args.num_samples, latent_shape, args, betas, alpha_bar, out_dir)
         print_timing(timing, args.num_samples, secs, time_pixel_ddpm(pixel, device) if pixel else None)
     if world > 1:
         dist.destroy_process_group()
     return ema
+
+
+def end_stage(number, step, start, wall, path, interrupted, rank):
+    """A stage's summary line; after a Ctrl-C (its checkpoint saved by train) exit with the usual status, 130."""
+    if rank == 0:
+        print(f"{'stopped' if interrupted else 'trained'} stage {number} at step {step}: {step - start} steps in "
+              f"{wall / 60:.1f} min; checkpoint {path}")
+    if interrupted:
+        sys.exit(130)
 
 
 def print_timing(timing, n, sample_secs, pixel):
