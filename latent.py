@@ -5,7 +5,7 @@
     python latent.py --dataset mnist --ae-ckpt runs/latent/ae.pt --out-dir runs/latent2   # reuse stage 1
 
 Stage 1 trains a KL-regularised autoencoder whose latents are f = 4 times smaller per side (Sec. 3.1);
-stage 2 is ddpm.py's diffusion (Alg. 1 to train, Alg. 2 or DDIM to sample) on those latents, scaled
+stage 2 is ddpm.py's diffusion (Alg. 1 to train, DDIM or Alg. 2 to sample) on those latents, scaled
 to unit variance (Sec. 4.3.2). Samples are decoded to images. Outputs go to runs/latent/.
 """
 # %% Config
@@ -31,6 +31,9 @@ from tqdm import tqdm
 
 SCRIPT = "latent"
 DOWNSAMPLE = 4  # f of Rombach et al.: two stride-2 convolutions, 28x28 images to 7x7 latents
+# The default sampler is DDIM, as Rombach et al. sample theirs: 200 steps at eta 1 scored as well as DDPM's
+# 1000 on MNIST (README) in a fifth of the time.
+DDIM_STEPS = 200
 # Defaults per device. Stage 2's U-Net has a single level: MNIST's 7x7 latents cannot be halved
 # evenly (7 is odd), and at 7x7 the self-attention in its middle already sees every position, so
 # more levels buy little. CPU: both stages together took 33.0 min of training (34.0 wall) on 2 cores.
@@ -39,7 +42,7 @@ PRESETS = {
                  num_res_blocks=2, ae_steps=5000, ae_batch_size=128, ae_channels=64, log_every=100,
                  sample_every=2000, ckpt_every=2000, sample_batch_size=1000),
     "cpu": dict(steps=10000, batch_size=128, lr=1e-3, base_channels=64, channel_mult="1",
-                num_res_blocks=1, ae_steps=3000, ae_batch_size=64, ae_channels=32,
+                num_res_blocks=1, ae_steps=5000, ae_batch_size=64, ae_channels=32,
                 log_every=10, sample_every=4000, ckpt_every=500, sample_batch_size=250),
 }
 # A checkpoint resumes only under the same values of these flags.
@@ -93,10 +96,12 @@ def build_parser(preset):
     a("--schedule", choices=["linear", "cosine"], default="linear",
       help="linear betas 1e-4..0.02 (DDPM) or cosine alpha_bar (Nichol & Dhariwal 2021)")
     a("--sigma", choices=["posterior", "beta"], default="posterior",
-      help="sampler variance: sigma_t^2 = beta_tilde_t (posterior, Eq. 7) or beta_t (Sec. 3.2)")
-    a("--sampling-steps", type=int, default=0,
-      help="S > 0: sample with S DDIM steps (Song et al. 2021) instead of the T steps of DDPM's Alg. 2")
-    a("--eta", type=float, default=0.0, help="DDIM's eta: 0 is deterministic, 1 adds DDPM's posterior noise")
+      help="DDPM sampler's variance (--sampling-steps 0): sigma_t^2 = beta_tilde_t (posterior, Eq. 7) or beta_t")
+    a("--sampling-steps", type=int, default=None,
+      help=f"S > 0: sample with S DDIM steps (Song et al. 2021); 0: the T steps of DDPM's Alg. 2 "
+           f"(default: {DDIM_STEPS}, or T if smaller)")
+    a("--eta", type=float, default=1.0,
+      help="DDIM's eta: 0 is deterministic, 1 adds DDPM's posterior noise (default: 1, which scores better here)")
     a("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
       help="auto picks cuda, then mps, then cpu")
     a("--seed", type=int, default=0, help="seeds the weights, the batches and the samples")
@@ -134,7 +139,7 @@ def parse_args(argv=None):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("warmup", "sample_every", "grad_clip", "kl_weight", "eta", "fid_samples", "sampling_steps"):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     for name in ("base_channels", "ae_channels"):
         if getattr(args, name) % 8:
@@ -142,7 +147,7 @@ def parse_args(argv=None):
                          f"got {getattr(args, name)}")
     if 0 < args.fid_samples < 129:
         parser.error(f"--fid-samples must be 0 or at least 129 (FID fits 128-d features), got {args.fid_samples}")
-    if args.sampling_steps > args.timesteps:
+    if (args.sampling_steps or 0) > args.timesteps:
         parser.error(f"--sampling-steps {args.sampling_steps} exceeds --timesteps {args.timesteps}")
     if not 0 <= args.ema_decay < 1:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
@@ -656,11 +661,16 @@ def decode(ae, z, scale):
     return ae.decode(z / scale).float()
 
 
+def sampler_steps(args, T):
+    """S, the DDIM steps to sample with (0: DDPM's T steps): --sampling-steps, else DDIM_STEPS or T if smaller."""
+    return min(DDIM_STEPS, T) if args.sampling_steps is None else args.sampling_steps
+
+
 def generate(model, ae, scale, n, latent_shape, betas, alpha_bar, args, batch_size, n_frames=0, progress=True):
-    """n samples as uint8 (n, C, H, W): latents drawn in batches by DDPM (Alg. 2) or, with --sampling-steps,
-    DDIM, then decoded; for a GIF, the first batch's x_t decoded at n_frames steps."""
+    """n samples as uint8 (n, C, H, W): latents drawn in batches by DDIM or, with --sampling-steps 0, DDPM
+    (Alg. 2), then decoded; for a GIF, the first batch's x_t decoded at n_frames steps."""
     gen = torch.Generator(betas.device).manual_seed(args.seed)
-    T, S = len(betas), args.sampling_steps
+    T, S = len(betas), sampler_steps(args, len(betas))
     visited = sampling_timesteps(T, S).tolist()[::-1] if S else list(reversed(range(T)))
     model.eval()
     out, frames = [], []
@@ -720,7 +730,8 @@ def write_samples(model, ae, scale, n, latent_shape, args, betas, alpha_bar, out
         Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy())  # uint8 NHWC, as FID tools read
     where = f"{out_dir}/samples.png, {out_dir}/reverse.gif" + (f", {args.npz}" if args.npz else "")
-    steps = f"{args.sampling_steps} DDIM" if args.sampling_steps else f"{len(betas)} DDPM"
+    S = sampler_steps(args, len(betas))
+    steps = f"{S} DDIM (eta {args.eta:g})" if S else f"{len(betas)} DDPM"
     print(f"sampled {n} images in {secs:.1f} s ({n / secs:.1f} img/s, {steps} steps, decoded): {where}")
     return secs
 

@@ -90,6 +90,13 @@ def test_ae_loss_is_l1_plus_weighted_kl():
     assert latent.ae_loss(ae, x, eps, 0.5).item() == pytest.approx(rec.item() + 0.5 * kl.item(), rel=1e-5)
 
 
+def test_default_sampler_is_ddim_with_200_steps_or_T_if_fewer():
+    steps = lambda *argv: latent.sampler_steps(latent.parse_args(["--device", "cpu", *argv])[0], 1000)
+    assert (steps(), steps("--sampling-steps", "0"), steps("--sampling-steps", "50")) == (200, 0, 50)
+    assert latent.sampler_steps(latent.parse_args(["--device", "cpu"])[0], 20) == 20  # a model with T = 20
+    assert latent.parse_args(["--device", "cpu"])[0].eta == 1
+
+
 def test_learning_rate_warms_up_then_is_constant_or_decays_to_zero():
     assert [latent.learning_rate(s, 1e-3, 100) for s in (1, 50, 100, 5000)] == pytest.approx([1e-5, 5e-4, 1e-3, 1e-3])
     lrs = [latent.learning_rate(step, 1e-3, 100, 1000) for step in range(1, 1001)]
@@ -134,13 +141,15 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path, pixel_ckpt):
     assert Image.open(out / "reconstructions.png").size == (8 * 30 + 2, 8 * 30 + 2)  # 4 pairs of rows
     assert Image.open(out / "reverse.gif").n_frames > 10
 
-    # Sampling needs stage 2's checkpoint only: run it from elsewhere, with no data dir, DDPM and DDIM.
-    for extra, name in (([], "ddpm"), (["--sampling-steps", 5], "ddim")):
+    # Sampling needs stage 2's checkpoint only: run it from elsewhere, with no data dir. The default is DDIM
+    # with min(200, T) steps at eta 1; --sampling-steps 0 is DDPM's Alg. 2.
+    for extra, name, said in (([], "default", "20 DDIM (eta 1) steps"), (["--sampling-steps", 0], "ddpm", "20 DDPM steps"),
+                              (["--sampling-steps", 5, "--eta", 0], "ddim", "5 DDIM (eta 0) steps")):
         npz = tmp_path / name / "samples.npz"
         r = run_cli("--sample-only", "--ckpt", out / "ckpt.pt", "--out-dir", tmp_path / name, "--num-samples", 10,
                     "--npz", npz, "--device", "cpu", *extra, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-        assert ("5 DDIM steps" if extra else "20 DDPM steps") in r.stdout
+        assert said in r.stdout
         arr = np.load(npz)["arr_0"]
         assert arr.shape == (10, 28, 28, 1) and arr.dtype == np.uint8
         assert 0 < arr.std()  # not a blank image
