@@ -143,6 +143,7 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path, pixel_ckpt):
 
     # Sampling needs stage 2's checkpoint only: run it from elsewhere, with no data dir. The default is DDIM
     # with min(200, T) steps at eta 1; --sampling-steps 0 is DDPM's Alg. 2.
+    arrays = {}
     for extra, name, said in (([], "default", "20 DDIM (eta 1) steps"), (["--sampling-steps", 0], "ddpm", "20 DDPM steps"),
                               (["--sampling-steps", 5, "--eta", 0], "ddim", "5 DDIM (eta 0) steps")):
         npz = tmp_path / name / "samples.npz"
@@ -154,6 +155,8 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path, pixel_ckpt):
         assert arr.shape == (10, 28, 28, 1) and arr.dtype == np.uint8
         assert 0 < arr.std()  # not a blank image
         assert (tmp_path / name / "samples.png").is_file() and (tmp_path / name / "reverse.gif").is_file()
+        arrays[name] = arr
+    assert not np.array_equal(arrays["ddim"], arrays["ddpm"])  # the same seed: another sampler really ran
 
     # --ae-ckpt reuses stage 1: no autoencoder training, the very same weights in stage 2's checkpoint.
     r = run_cli("--dataset", "mnist", "--data-dir", tiny_mnist, "--out-dir", tmp_path / "reuse", "--steps", 5,
