@@ -164,11 +164,10 @@ def test_overfits_one_batch():
     _, alpha_bar = schedule("linear")
     alpha_bar = alpha_bar.float()
     x0 = torch.rand(4, 1, 16, 16) * 2 - 1
-    t, eps = torch.randint(1000, (4,)), torch.randn(4, 1, 16, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(300):
-        loss = ddpm.loss_fn(model, x0, t, eps, alpha_bar)
+    for _ in range(300):  # the same t and eps at every step: one batch to fit
+        loss = ddpm.loss_fn(model, x0, alpha_bar, torch.Generator().manual_seed(0))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -292,11 +291,11 @@ def trained(tiny_mnist, tmp_path_factory):
 @pytest.mark.parametrize("argv,message", [
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--dataset", "./no/such/folder"], "no such folder"),
-    (["--image-size", "30"], "must be a positive multiple of 4"),
-    (["--steps", "0"], "--steps must be positive"),
-    (["--batch-size", "-1"], "--batch-size must be positive"),
-    (["--lr", "0"], "--lr must be positive"),
-    (["--channel-mult", "1,x"], "--channel-mult must be positive integers"),
+    (["--image-size", "0"], "--image-size: must be positive, got 0"),
+    (["--steps", "0"], "--steps: must be positive"),
+    (["--batch-size", "-1"], "--batch-size: must be positive"),
+    (["--lr", "0"], "--lr: must be positive"),
+    (["--channel-mult", "1,x"], "--channel-mult: must be positive integers"),
 ])
 def test_bad_flags(capsys, tmp_path, argv, message):
     expect_usage_error(capsys, argv + ["--out-dir", tmp_path, "--device", "cpu"], message)
@@ -347,7 +346,7 @@ def test_output_paths_are_checked_before_any_work(capsys, tmp_path, trained):
     (tmp_path / "folder.npz").mkdir()
     expect_usage_error(capsys, ["--sample-only", "--ckpt", trained, "--npz", tmp_path / "folder.npz"], "is a folder")
     (tmp_path / "afile").write_text("")
-    expect_usage_error(capsys, ["--out-dir", tmp_path / "afile"], "is a file: pass a folder")
+    expect_usage_error(capsys, ["--out-dir", tmp_path / "afile"], f"cannot write {tmp_path / 'afile'}: File exists")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -368,3 +367,25 @@ def test_bad_input_in_a_real_process_prints_one_line(tmp_path):
         r = run_cli(*argv, "--out-dir", tmp_path)
         assert r.returncode == 2
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_learning_rate_warms_up_then_is_constant_or_decays_to_zero(tmp_path, decay):
+    """The shared loop's schedule: a linear warm-up, then constant, or with --lr-decay a cosine to 0."""
+    model = ddpm.UNet(1, base=8, mult=(1,), num_res_blocks=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    lrs = []
+    def batch_loss(net, gen):  # records the rate that this step uses
+        lrs.append(opt.param_groups[0]["lr"])
+        return sum(p.sum() for p in net.parameters()) * 0
+    args = ddpm.argparse.Namespace(steps=1000, lr=1e-3, warmup=100, lr_decay=decay, compile=False, seed=0,
+                                   batch_size=1, log_every=100, ckpt_every=1000, sample_every=0, grad_clip=1.0,
+                                   ema_decay=0.9)
+    ddpm.train(model, ddpm.copy.deepcopy(model), opt, batch_loss, args, 0, tmp_path / "ckpt.pt", {})
+    assert lrs[0] == pytest.approx(1e-5)  # step 1 of a 100-step warm-up
+    if not decay:
+        assert lrs[49] == pytest.approx(5e-4) and lrs[99:] == pytest.approx([1e-3] * 901)
+    else:
+        assert max(lrs) == lrs[99] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 0.099)))
+        assert all(a >= b for a, b in zip(lrs[99:], lrs[100:]))  # falls from the end of the warm-up on
+        assert lrs[500] == pytest.approx(0.5e-3) and 0 < lrs[-1] < 1e-8  # half way: half; the end: ~0
