@@ -1,284 +1,122 @@
-"""DDIM (Song et al. 2020, https://arxiv.org/abs/2010.02502) on MNIST in one file.
+"""DDIM (Song et al. 2020, https://arxiv.org/abs/2010.02502) in one file.
 
-    python ddim.py --dataset mnist            # CPU defaults: about 15-20 min on 2 cores
+    python ddim.py --dataset mnist                      # trains as ddpm.py: 15-20 min on 2 CPUs
     python ddim.py --sample-only --ckpt runs/ddpm/ckpt.pt --sampling-steps 50 --eta 0
-    python ddim.py --sweep --ckpt runs/ddpm/ckpt.pt    # S in {10, 20, 50, 100, 1000} x eta in {0, 1}
 
-Training is DDPM's, unchanged (Ho et al. 2020, Alg. 1): DDIM needs no retraining, and this script
-samples from ddpm.py's checkpoints too. Sampling is DDIM's generalised update (Eq. 12) on a
-sub-sequence of S of the T training steps; eta = 0 makes it deterministic, which also lets it
-encode images to x_T (inversion) and interpolate between them. Outputs go to runs/ddim/.
+Training is DDPM's Alg. 1, unchanged: DDIM needs no retraining, and samples ddpm.py's checkpoints
+too. Sampling is DDIM's generalised step (Eq. 12) on S of the T steps; eta = 0 makes it
+deterministic, which also encodes images to x_T (inversion) and interpolates between them. Outputs
+go to runs/ddim/. As a notebook, Run all trains with the defaults; main(["--steps", "300"]) too.
 """
-# %% Config
-import argparse
-import contextlib
-import copy
-import io
-import json
-import math
-import os
-import signal
-import sys
-import time
+# %% Imports
+import argparse, contextlib, copy, hashlib, io, math, os, re, signal, sys, tempfile, time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
+import numpy as np, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 SCRIPT = "ddim"
-# Defaults per device. CUDA: a 6.1M-parameter U-Net that sees 2.56M images (43 epochs of
-# MNIST). CPU (and mps): a 0.64M-parameter U-Net, narrow at full resolution where
-# convolutions cost most, that gives recognisable digits in about 15-20 minutes on 2 cores.
-# Sampling there runs at 0.5-0.8 img/s (1000 steps); batches of 256 were no faster per image than 64.
-PRESETS = {
-    "cuda": dict(steps=10000, batch_size=256, lr=1e-3, base_channels=64, channel_mult="1,2,2",
-                 num_res_blocks=2, log_every=100, sample_every=2000, ckpt_every=2000, sample_batch_size=1000),
-    "cpu": dict(steps=3000, batch_size=64, lr=1e-3, base_channels=16, channel_mult="1,2,4",
-                num_res_blocks=1, log_every=10, sample_every=1500, ckpt_every=500, sample_batch_size=64),
-}
-# A checkpoint resumes only under the same values of these flags.
-RUN_FLAGS = ("dataset", "image_size", "base_channels", "channel_mult", "num_res_blocks",
-             "schedule", "timesteps")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line that says what to fix, not the whole usage block.
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser(preset):
-    d = PRESETS[preset]
-    both = lambda k: f"(default: {PRESETS['cuda'][k]} on CUDA, {PRESETS['cpu'][k]} otherwise)"
-    p = Parser(prog=f"{SCRIPT}.py", description=__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--dataset", default="mnist",
-      help="mnist, fashion-mnist, cifar10, or a folder of images (any size, searched recursively)")
-    a("--data-dir", default="data", help="where torchvision datasets live or are downloaded")
-    a("--image-size", type=int, default=None,
-      help="side of the square images (default: 28 for (fashion-)mnist, 32 for cifar10, 64 for a folder)")
-    a("--out-dir", default=f"runs/{SCRIPT}", help="checkpoint, sample grids and GIFs go here")
-    a("--steps", type=int, default=d["steps"], help=f"training steps {both('steps')}")
-    a("--batch-size", type=int, default=d["batch_size"],
-      help=f"images per step and per process {both('batch_size')}")
-    a("--lr", type=float, default=d["lr"], help=f"AdamW learning rate {both('lr')}")
-    a("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (DDPM uses 1)")
-    a("--ema-decay", type=float, default=0.999, help="decay of the EMA of the weights used to sample")
-    a("--base-channels", type=int, default=d["base_channels"],
-      help=f"U-Net width at full resolution, a multiple of 8 {both('base_channels')}")
-    a("--channel-mult", default=d["channel_mult"],
-      help=f"width multiplier per U-Net level, halving the image between levels {both('channel_mult')}")
-    a("--num-res-blocks", type=int, default=d["num_res_blocks"],
-      help=f"residual blocks per U-Net level {both('num_res_blocks')}")
-    a("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
-    a("--schedule", choices=["linear", "cosine"], default="linear",
-      help="linear betas 1e-4..0.02 (DDPM) or cosine alpha_bar (Nichol & Dhariwal 2021)")
-    a("--sampling-steps", type=int, default=50,
-      help="S, the DDIM steps taken while sampling, a sub-sequence of the T training steps (1..T)")
-    a("--eta", type=float, default=0.0,
-      help="noise of the sampler (Eq. 16): 0 is deterministic DDIM, 1 with S = T is DDPM's sampler")
-    a("--spacing", choices=["uniform", "quadratic"], default="uniform",
-      help="how the S steps are spread over the T: evenly, or denser near the data (App. D.2)")
-    a("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
-      help="auto picks cuda, then mps, then cpu")
-    a("--seed", type=int, default=0, help="seeds the weights, the batches and the samples")
-    a("--compile", action="store_true", help="torch.compile the U-Net for training")
-    a("--resume", action="store_true", help="continue training from --ckpt")
-    a("--sample-only", action="store_true",
-      help="only sample from --ckpt (of ddim.py or ddpm.py); the dataset is read only for the inversion image")
-    a("--sweep", action="store_true",
-      help="sample --sweep-samples images from --ckpt for S in {10, 20, 50, 100, 1000} and eta in {0, 1}, "
-           "score them with evaluate.py and time them; writes sweep.txt and sweep.json")
-    a("--sweep-samples", type=int, default=1000, help="images per setting of --sweep")
-    a("--ckpt", default=None, help="checkpoint to write, resume or sample from (default: OUT_DIR/ckpt.pt)")
-    a("--num-samples", type=int, default=64, help="images in the final grid (and in --npz)")
-    a("--npz", default=None, help="also save the samples as uint8 NHWC under arr_0 in this .npz")
-    a("--sample-batch-size", type=int, default=d["sample_batch_size"],
-      help=f"images per sampling batch {both('sample_batch_size')}")
-    a("--log-every", type=int, default=d["log_every"], help=f"steps between log updates {both('log_every')}")
-    a("--sample-every", type=int, default=d["sample_every"],
-      help=f"steps between sample grids, 0 for none {both('sample_every')}")
-    a("--ckpt-every", type=int, default=d["ckpt_every"],
-      help=f"steps between checkpoints {both('ckpt_every')}")
-    return p
-
-
-def parse_args(argv=None):
-    """Parse twice: the device decides which preset fills the defaults."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--device", default="auto")
-    device = pre.parse_known_args(argv)[0].device
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    parser = build_parser("cuda" if cuda else "cpu")
-    args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "lr", "timesteps", "num_samples", "sample_batch_size",
-                 "log_every", "ckpt_every", "base_channels", "num_res_blocks", "sampling_steps", "sweep_samples"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("warmup", "sample_every", "grad_clip", "eta"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if args.base_channels % 8:
-        parser.error(f"--base-channels must be a multiple of 8 (GroupNorm uses 8 groups), got {args.base_channels}")
-    if not 0 <= args.ema_decay < 1:
-        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    try:
-        mult = [int(m) for m in args.channel_mult.split(",")]
-        assert all(m > 0 for m in mult)
-    except (ValueError, AssertionError):
-        parser.error(f"--channel-mult must be positive integers like 1,2,2, got {args.channel_mult!r}")
-    if args.image_size is not None:
-        check_image_size(args.image_size, len(mult), parser)
-    if Path(args.out_dir).is_file():  # checked now, not after hours of training
-        parser.error(f"--out-dir {args.out_dir} is a file: pass a folder")
-    if args.npz and Path(args.npz).is_dir():
-        parser.error(f"--npz {args.npz} is a folder: pass a file name such as samples.npz")
-    return args, parser
-
-
-def check_image_size(size, levels, parser):
-    factor = 2 ** (levels - 1)
-    if size < factor or size % factor:
-        parser.error(f"--image-size {size}: the U-Net halves it {levels - 1} times, so it must be a "
-                     f"positive multiple of {factor} (28, 32 and 64 work with 3 levels)")
-
-
-# %% Noise schedule
-# Code index t = 0..T-1 is the paper's t = 1..T. Schedules are built in float64, then cast
-# to float32 once; the sampler's update arithmetic stays in float32.
-
+# %% Noise schedule and forward process
+# Code index t = 0..T-1 is the paper's t = 1..T. The schedule is built in float64 and cast to
+# float32 once; the sampler's arithmetic stays in float32 even where the network runs in bf16.
 def make_betas(schedule, T):
-    """beta_1..beta_T: DDPM's linear schedule (Sec. 4) or the cosine one (Nichol & Dhariwal 2021, Eq. 17)."""
+    """beta_1..beta_T in float64: DDPM's linear schedule (Sec. 4) or the cosine one (Nichol &
+    Dhariwal 2021, Eq. 17)."""
     if schedule == "linear":
-        scale = 1000 / T  # 1e-4..0.02 is tuned for T = 1000; scaling keeps alpha_bar_T near 0 for other T
+        scale = 1000 / T  # 1e-4..0.02 is tuned for T = 1000; scaling keeps alpha_bar_T near 0
         # For T < 50 the scaled betas would pass 1 (alpha_t < 0): clip them as the cosine ones are.
         return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
     s = 0.008  # small offset so that beta_1 is not vanishingly small (their Sec. 3.2)
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
-    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # clipped as in the paper, near t = T
-
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # clipped as in the paper, near T
 
 def q_sample(x0, t, eps, alpha_bar):
-    """Sample x_t ~ q(x_t | x_0) in closed form (DDPM Eq. 4): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+    """Sample x_t ~ q(x_t | x_0) in closed form (Eq. 4): sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps."""
     ab = alpha_bar[t].view(-1, 1, 1, 1)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-
-
-def q_posterior(x0, xt, t, betas, alpha_bar):
-    """Mean and variance of q(x_{t-1} | x_t, x_0) (DDPM Eq. 6-7); the variance is beta_tilde_t."""
-    ab = alpha_bar[t].view(-1, 1, 1, 1)
-    ab_prev = torch.where(t > 0, alpha_bar[t - 1], torch.ones_like(alpha_bar[t])).view(-1, 1, 1, 1)
-    beta = betas[t].view(-1, 1, 1, 1)
-    mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * xt
-    return mean, beta * (1 - ab_prev) / (1 - ab)
-
-
-# %% Model
-
+# %% The network eps_theta
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding of the step (Transformer, Vaswani et al. 2017, Sec. 3.5), as in DDPM."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    """Sinusoidal embedding of the step (Vaswani et al. 2017, Sec. 3.5), as in DDPM."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-
-def group_norm(ch):
-    return nn.GroupNorm(8, ch)  # DDPM has 32 groups; 8 suit these narrower layers
-
-
 class ResBlock(nn.Module):
-    """Two 3x3 convolutions with GroupNorm and SiLU, the time embedding added in between."""
-
+    """Two 3x3 convolutions with GroupNorm and SiLU, the time embedding added in between. GroupNorm
+    has 8 groups here: DDPM has 32, and 8 suit these narrower layers."""
     def __init__(self, c_in, c_out, t_dim):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.time = nn.Linear(t_dim, c_out)
-        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
     def forward(self, x, t_emb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time(t_emb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
-
+        h = self.conv1(F.silu(self.norm1(x))) + self.time(t_emb)[:, :, None, None]
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the pixels of a feature map, with a residual connection
-    (DDPM Appendix B puts it at the 16x16 level; here it sits at the lowest resolution)."""
-
+    """Self-attention over the pixels of a feature map, with a residual connection (DDPM App. B
+    puts it at the 16x16 level; here it sits at the lowest resolution)."""
     def __init__(self, ch, heads=4):
         super().__init__()
-        self.norm, self.heads = group_norm(ch), heads
-        self.qkv, self.out = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
-
+        self.norm, self.attn = nn.GroupNorm(8, ch), nn.MultiheadAttention(ch, heads, batch_first=1)
     def forward(self, x):
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, H*W, C/heads)
-        h = F.scaled_dot_product_attention(q, k, v)
-        return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
-
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C): the pixels as a sequence
+        return x + self.attn(h, h, h, need_weights=False)[0].transpose(1, 2).reshape(B, C, H, W)
 
 class UNet(nn.Module):
     """eps_theta(x_t, t): the U-Net of DDPM (their Appendix B) in small. Residual blocks at each
     level, self-attention at the lowest resolution, skip connections from down to up path."""
-
     def __init__(self, channels=1, base=64, mult=(1, 2, 2), num_res_blocks=2):
         super().__init__()
         self.base, t_dim = base, 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(base, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.stem = nn.Conv2d(channels, base, 3, padding=1)
-        self.down, skips, ch = nn.ModuleList(), [base], base
+        self.down, self.up, skips, ch = nn.ModuleList(), nn.ModuleList(), [base], base
         for level, m in enumerate(mult):
             for _ in range(num_res_blocks):
                 self.down.append(ResBlock(ch, base * m, t_dim))
-                ch = base * m
-                skips.append(ch)
+                skips.append(ch := base * m)
             if level < len(mult) - 1:
                 self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))  # halve H and W
                 skips.append(ch)
         self.mid = nn.ModuleList([ResBlock(ch, ch, t_dim), Attention(ch), ResBlock(ch, ch, t_dim)])
-        self.up = nn.ModuleList()
         for level, m in reversed(list(enumerate(mult))):
             for _ in range(num_res_blocks + 1):
                 self.up.append(ResBlock(ch + skips.pop(), base * m, t_dim))
                 ch = base * m
-            if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(ch, ch, 3, padding=1)))
-        self.head = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
+            if level > 0:  # forward() doubles H and W first, to the size of the skip
+                self.up.append(nn.Conv2d(ch, ch, 3, padding=1))
+        self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, 1, 1))
         nn.init.zeros_(self.head[-1].weight)  # start at eps_theta = 0, as DDPM's code does
         nn.init.zeros_(self.head[-1].bias)
-
     def forward(self, x, t):
         t_emb = F.silu(self.time_mlp(timestep_embedding(t, self.base)))
         run = lambda layer, h: layer(h, t_emb) if isinstance(layer, ResBlock) else layer(h)
-        h = self.stem(x)
-        skips = [h]
+        skips = [h := self.stem(x)]
         for layer in self.down:
-            h = run(layer, h)
-            skips.append(h)
+            skips.append(h := run(layer, h))
         for layer in self.mid:
             h = run(layer, h)
-        for layer in self.up:
-            h = run(layer, torch.cat([h, skips.pop()], 1) if isinstance(layer, ResBlock) else h)
+        for layer in self.up:  # a ResBlock takes the skip of its twin; a conv follows an upsampling
+            h = run(layer, torch.cat([h, skips.pop()], 1) if isinstance(layer, ResBlock) else
+                    F.interpolate(h, size=skips[-1].shape[-2:]))  # so odd sizes (7 from 14) work
         return self.head(h)
-
 
 def build_model(config, channels):
     mult = tuple(int(m) for m in config["channel_mult"].split(","))
     return UNet(channels, config["base_channels"], mult, config["num_res_blocks"])
-
+# %% Training: Alg. 1
+def loss_fn(model, x0, alpha_bar, gen):
+    """Alg. 1 lines 3-5: t ~ Uniform({1..T}), eps ~ N(0, I), and L_simple (Eq. 14),
+    || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2."""
+    t = torch.randint(len(alpha_bar), (len(x0),), device=x0.device, generator=gen)
+    eps = torch.randn(x0.shape, device=x0.device, generator=gen)
+    return F.mse_loss(model(q_sample(x0, t, eps, alpha_bar), t).float(), eps)
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
@@ -286,493 +124,396 @@ def ema_update(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
 
-
-# %% Data
-# name: (torchvision class, native image size, where torchvision looks for the files)
-DATASETS = {"mnist": ("MNIST", 28, "MNIST/raw/"), "fashion-mnist": ("FashionMNIST", 28, "FashionMNIST/raw/"),
-            "cifar10": ("CIFAR10", 32, "cifar-10-batches-py/")}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def default_image_size(dataset):
-    return DATASETS[dataset][1] if dataset in DATASETS else 64
-
-
-def load_images(dataset, data_dir, image_size):
-    """The whole training set as one uint8 tensor (N, C, H, W) at image_size x image_size.
-    Raises FileNotFoundError or ValueError with a message meant for the user."""
-    if dataset in DATASETS:
-        cls = getattr(torchvision.datasets, DATASETS[dataset][0])
-        try:
-            ds = cls(data_dir, train=True, download=False)
-        except RuntimeError:  # not on disk: try to download, quietly
-            try:
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                    ds = cls(data_dir, train=True, download=True)
-            except Exception as e:
-                raise FileNotFoundError(
-                    f"{dataset} is not in {data_dir}/ and could not be downloaded ({type(e).__name__}): "
-                    f"put its files in {Path(data_dir) / DATASETS[dataset][2]} or run once with a network") from None
-        x = torch.as_tensor(ds.data)
-        x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W) or CIFAR's (N, H, W, C)
-        if x.shape[-1] != image_size:
-            x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
-            x = x.round().clamp(0, 255).to(torch.uint8)
-        return x.contiguous()
-    folder = Path(dataset)
-    if not folder.is_dir():
-        if os.sep in dataset or "." in dataset or folder.exists():
-            raise FileNotFoundError(f"--dataset {dataset}: no such folder")
-        raise ValueError(f"unknown dataset {dataset!r}: use mnist, fashion-mnist, cifar10 or a folder of images")
-    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"--dataset {dataset}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    prep = torchvision.transforms.Compose([  # shorter side to image_size, then the central square
-        torchvision.transforms.Resize(image_size), torchvision.transforms.CenterCrop(image_size),
-        torchvision.transforms.PILToTensor()])
-    images = []
-    for f in tqdm(files, desc=f"reading {folder}", leave=False, disable=len(files) < 1000):
-        try:
-            images.append(prep(Image.open(f).convert("RGB")))
-        except OSError as e:
-            raise ValueError(f"cannot read image {f}: {e}") from None
-    return torch.stack(images)
-
-
-def get_batch(data, batch_size, generator):
-    """A random batch from the uint8 tensor on the device, scaled to [-1, 1] (DDPM Sec. 3.3)."""
-    idx = torch.randint(len(data), (batch_size,), device=data.device, generator=generator)
-    return data[idx].float() / 127.5 - 1
-
-
-# %% Training
-
-def loss_fn(model, x0, t, eps, alpha_bar):
-    """L_simple (DDPM Eq. 14, Alg. 1 line 5): || eps - eps_theta(sqrt(ab) x_0 + sqrt(1 - ab) eps, t) ||^2."""
-    return F.mse_loss(model(q_sample(x0, t, eps, alpha_bar), t).float(), eps)
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename it: an interrupted write never leaves a broken file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, scripts=(SCRIPT,)):
-    """A checkpoint dict, read without executing code from the file (weights_only=True).
-    Raises FileNotFoundError or ValueError with a message meant for the user."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first, or pass --ckpt PATH")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}, it is corrupt or truncated ({type(e).__name__}): "
-                         f"use another --ckpt") from None
-    if not isinstance(ckpt, dict) or ckpt.get("script") not in scripts:
-        found = ckpt.get("script") if isinstance(ckpt, dict) else None
-        raise ValueError(f"{path} is not a checkpoint of {' or '.join(s + '.py' for s in scripts)} "
-                         f"(it says {found!r}): pass one written by this script")
-    missing = {"config", "step", "image_shape", "model", "ema", "opt"} - ckpt.keys()
-    if missing:
-        raise ValueError(f"{path} lacks {', '.join(sorted(missing))}: it is damaged, use another --ckpt")
-    return ckpt
-
-
-def train(args, model, ema, opt, data, betas, alpha_bar, start_step, ckpt_path, rank, world):
-    """Alg. 1, repeated: sample x_0, t, eps; take a gradient step on L_simple; update the EMA."""
-    device = data.device
+def train(model, ema, opt, batch_loss, args, start, path, extra, preview=None):
+    """Alg. 1, repeated: a gradient step on batch_loss(net, generator), then the EMA. Saves extra
+    and the state dicts every --ckpt-every steps, at the end and on Ctrl-C or SIGTERM; returns
+    whether a signal stopped the run."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device, t0, step, stop, losses = next(model.parameters()).device, time.time(), start, [], []
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    net = torch.compile(net) if args.compile else net
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    gen = torch.Generator(device)
-    stop = []  # a Ctrl-C sets this; the loop then checkpoints at the next log step and exits
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
-    bar = tqdm(total=args.steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True)
-    losses, t_log, t_start, step = [], time.perf_counter(), time.perf_counter(), start_step
+    net, gen = torch.compile(net) if args.compile else net, torch.Generator(device)
+    # Ctrl-C or SIGTERM: save after this step and stop; a second one stops at once.
+    on_signal = lambda *_: sys.exit(f"{SCRIPT}.py: stopped at once") if stop else stop.append(1)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, disable=rank > 0,
+               unit="img", unit_scale=args.batch_size * world)  # counts steps, shows images
     try:
-        for step in range(start_step + 1, args.steps + 1):  # step counts completed updates, 1-based
-            # Each step seeds its own generator from (seed, step, rank): a resumed run draws the very
-            # batches and noise an uninterrupted one would, so the checkpoint needs no RNG state.
+        for step in bar:  # step counts completed updates, from 1
+            # Seeded by (seed, step, rank): resumed, a run draws what it would have drawn anyway.
             gen.manual_seed((args.seed << 32) + step * world + rank)
-            x0 = get_batch(data, args.batch_size, gen)
-            t = torch.randint(len(betas), (args.batch_size,), device=device, generator=gen)
-            eps = torch.randn(x0.shape, device=device, generator=gen)
-            for group in opt.param_groups:  # linear warm-up (DDPM warms up over 5000 steps)
-                group["lr"] = args.lr * min(1.0, step / max(1, args.warmup))
-            with autocast:
-                loss = loss_fn(net, x0, t, eps, alpha_bar)
+            for group in opt.param_groups:  # linear warm-up (DDPM's: 5000 steps); cosine decay
+                group["lr"] = args.lr * min(1, step / max(1, args.warmup)) * (0.5 + 0.5 * math.cos(
+                    math.pi * (step - 1) / args.steps) if args.lr_decay else 1)
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                loss = batch_loss(net, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
-            # Early on the average would be dominated by the random initial weights, so the decay
-            # ramps up as (1 + n) / (10 + n), as in tf.train.ExponentialMovingAverage.
+            # The decay ramps up as (1 + n) / (10 + n), so that the random start fades fast.
             ema_update(ema, model, min(args.ema_decay, step / (step + 9)))
             losses.append(loss.detach())
-            bar.update()
-            if step % args.log_every and step != args.steps:
+            # One process answers a signal at once; under torchrun they agree at a log step.
+            if step % args.log_every and step < args.steps and not (stop and world == 1):
                 continue
-            # Log step: the one place the loop waits for the GPU. Nothing is saved unless the
-            # losses of the interval and the weights are finite.
-            interval = torch.stack(losses).cpu()
-            finite = torch.isfinite(interval)
-            weights_ok = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
-            flags = torch.tensor([float(bool(stop)), float(not (finite.all() and weights_ok))], device=device)
-            if world > 1:  # every replica must stop at the same step
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            # The log step, the one place the loop waits for the GPU: nothing non-finite is saved.
+            interval, losses = torch.stack(losses).float().cpu(), []
+            ok = interval.isfinite().all() and all(p.isfinite().all() for p in model.parameters())
+            flags = torch.tensor([bool(stop), not ok], dtype=torch.float32, device=device)
+            if world > 1: dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # all stop at one step
             if flags[1]:
-                bad = step - len(interval) + 1 + int((~finite).nonzero()[0]) if not finite.all() else step
-                sys.exit(f"{SCRIPT}.py: the loss became non-finite at step {bad}; stopped. The last good "
-                         f"checkpoint ({ckpt_path}) is kept: resume it with a lower --lr.")
-            now = time.perf_counter()
-            img_s = len(interval) * args.batch_size * world / (now - t_log)
-            bar.set_postfix(loss=f"{interval.mean():.4f}", img_s=f"{img_s:.0f}")
+                bad = step - len(interval) + int(interval.isfinite().int().argmin()) + 1  # first
+                sys.exit(f"{SCRIPT}.py: the loss became non-finite at step {bad}; stopped. " + (
+                    f"The last good checkpoint ({path}) is kept: resume it with a lower --lr."
+                    if path.exists() else "No checkpoint was saved: start with a lower --lr."))
+            bar.set_postfix(loss=f"{interval.mean():.4f}")
             if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps or flags[0]):
-                save_checkpoint(ckpt_path, {
-                    "script": SCRIPT, "config": vars(args), "step": step, "image_shape": list(data.shape[1:]),
-                    "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()})
-            if rank == 0 and args.sample_every and step % args.sample_every == 0 and step != args.steps:
-                taus = sampling_timesteps(len(betas), args.sampling_steps, args.spacing)
-                images, _ = generate(ema, min(64, args.num_samples), data.shape[1:], alpha_bar, taus,
-                                     args.eta, args.seed, args.sample_batch_size, progress=False)
-                save_grid(images, Path(args.out_dir) / f"samples_{step:06d}.png")
-            losses, t_log = [], time.perf_counter()  # img/s counts training, not the saving above
-            if flags[0]:
-                break
+                state = {"script": SCRIPT, "step": step, "model": model.state_dict(), **extra}
+                save_checkpoint(path, state | {"ema": ema.state_dict(), "opt": opt.state_dict()})
+            if rank == 0 and preview and args.sample_every and step % args.sample_every == 0:
+                preview(step)
+            if flags[0]: break
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous_handler)
-    wall = time.perf_counter() - t_start
-    return step, wall, bool(stop)
-
-
-# %% Sampling
-# DDIM (Song et al. 2020) writes alpha_t for what DDPM calls alpha_bar_t, the cumulative product.
-# This code keeps DDPM's names: alpha_bar everywhere, as in the sections above.
-
+        [signal.signal(s, handler) for s, handler in previous.items()]
+    if rank == 0: print(f"{'stopped' if stop else 'trained'} at step {step}: {step - start} steps "
+                        f"in {(time.time() - t0) / 60:.1f} min; checkpoint {path}")
+    return bool(stop)
+# %% Sampling: DDIM (Eq. 12)
+# DDIM writes alpha_t for what DDPM calls alpha_bar_t, the cumulative product: this code keeps
+# DDPM's names, alpha_bar everywhere, as in the sections above.
 def sampling_timesteps(T, S, spacing="uniform"):
     """tau_1 < ... < tau_S: the sub-sequence of the T training steps that DDIM visits (Sec. 4.2),
-    as code indices ending at T - 1, so sampling starts from the noisiest step. Uniform spacing puts
-    tau_i near i T / S, quadratic near (i / S)^2 T, denser close to the data (their App. D.2)."""
+    as code indices ending at T - 1. Uniform spacing puts tau_i near i T / S, quadratic near
+    (i / S)^2 T, denser close to the data (their App. D.2)."""
     i = torch.arange(1, S + 1, dtype=torch.float64)
-    frac = i / S if spacing == "uniform" else (i / S) ** 2
-    tau = (frac * T).round().long() - 1
-    return torch.maximum(tau, i.long() - 1)  # quadratic spacing would repeat steps near 0: keep them apart
-
+    tau = ((i / S if spacing == "uniform" else (i / S) ** 2) * T).round().long() - 1
+    return torch.maximum(tau, i.long() - 1)  # quadratic spacing would repeat steps near 0
 
 def ddim_sigma(ab, ab_prev, eta):
-    """sigma(eta) of DDIM Eq. 16: eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev). eta = 1 is DDPM's
-    posterior standard deviation (sqrt(beta_tilde_t) for consecutive steps), eta = 0 a deterministic sampler."""
+    """sigma(eta) of Eq. 16: eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev). eta = 1 is
+    DDPM's posterior std (sqrt(beta_tilde_t) between neighbours), eta = 0 a deterministic step."""
     return eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-
 
 @torch.no_grad()
 def ddim_step(xt, eps_pred, ab, ab_prev, sigma, z, clip_x0=True):
-    """DDIM Eq. 12, from a step with alpha_bar = ab to one with ab_prev (1 for the data itself):
-    x_prev = sqrt(ab_prev) x0_pred + sqrt(1 - ab_prev - sigma^2) eps_pred + sigma z.
-    Beware: DDIM's alpha_t is DDPM's alpha_bar_t; this code uses DDPM's names throughout."""
+    """Eq. 12, from a step with alpha_bar = ab to one with ab_prev (1 for the data itself):
+    x_prev = sqrt(ab_prev) x0_pred + sqrt(1 - ab_prev - sigma^2) eps_pred + sigma z."""
     x0_pred = (xt - (1 - ab).sqrt() * eps_pred) / ab.sqrt()  # the "predicted x_0" of Eq. 12 (Eq. 9)
     if clip_x0:  # as in ddpm.py; the noise is then the one that this clipped x_0 implies
         x0_pred = x0_pred.clamp(-1, 1)
         eps_pred = (xt - ab.sqrt() * x0_pred) / (1 - ab).sqrt()
-    return ab_prev.sqrt() * x0_pred + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps_pred + sigma * z
-
+    direction = (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps_pred  # "pointing to x_t"
+    return ab_prev.sqrt() * x0_pred + direction + sigma * z
 
 @torch.no_grad()
-def ddim_sample_loop(model, x, alpha_bar, timesteps, eta=0.0, generator=None, n_frames=0, clip_x0=True,
-                     desc=None):
-    """DDIM sampling: from x = x_{tau_S} (pure noise to sample) down the sub-sequence `timesteps` to x_0,
-    one Eq. 12 step each. Returns x_0 and n_frames x_tau along the way; with desc, a progress bar."""
+def ddim_sample_loop(model, x, alpha_bar, timesteps, eta=0.0, generator=None, n_frames=0,
+                     clip_x0=True):
+    """From x = x_{tau_S} (pure noise, to sample) down the sub-sequence timesteps to x_0, one
+    Eq. 12 step each. Returns x_0 and n_frames x_tau along the way, of the first 64 images."""
     ts = timesteps.tolist()
-    keep = set(torch.linspace(0, len(ts) - 1, n_frames).round().long().tolist()) if n_frames else set()
+    keep = torch.linspace(0, len(ts) - 1, n_frames).round().long().tolist() if n_frames else ()
     frames = []
-    for i in tqdm(reversed(range(len(ts))), desc=desc, total=len(ts), disable=desc is None, leave=False):
+    for i in tqdm(reversed(range(len(ts))), "sampling", len(ts), leave=False):
         t = torch.full((len(x),), ts[i], device=x.device, dtype=torch.long)
         with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
             eps_pred = model(x, t)
         ab = alpha_bar[ts[i]]
-        ab_prev = alpha_bar[ts[i - 1]] if i > 0 else torch.ones_like(ab)  # the last step lands on x_0
+        ab_prev = alpha_bar[ts[i - 1]] if i > 0 else torch.ones_like(ab)  # the last lands on x_0
         z = torch.randn(x.shape, device=x.device, generator=generator)
         x = ddim_step(x, eps_pred.float(), ab, ab_prev, ddim_sigma(ab, ab_prev, eta), z, clip_x0)
         if i in keep:
-            frames.append(x.clamp(-1, 1).cpu())
+            frames.append(x[:64].clamp(-1, 1).cpu())
     return x, frames
-
 
 @torch.no_grad()
 def ddim_invert(model, x0, alpha_bar, timesteps):
-    """Encode data to x_T with the deterministic sampler run forward (DDIM Sec. 4.3, Eq. 14 as an ODE):
-    x_{tau_i} from x_{tau_{i-1}}, with the noise predicted at tau_{i-1} (at tau_1 for the data itself).
-    The same Euler scheme as ddim_sample_loop in the other direction: decoding returns x0 up to
-    the two schemes' discretisation error, which falls as 1 / S."""
-    ts = timesteps.tolist()
-    x, zero = x0, torch.zeros((), device=x0.device)
+    """Encode data to x_T by the deterministic sampler run forward (Sec. 4.3, Eq. 14 as an ODE):
+    x_{tau_i} from x_{tau_{i-1}} with the noise predicted at tau_{i-1}. The same Euler scheme as
+    ddim_sample_loop the other way: decoding returns x0 up to an error that falls as 1/S."""
+    ts, x, zero = timesteps.tolist(), x0, torch.zeros((), device=x0.device)
     for i, t_next in enumerate(ts):
         t = torch.full((len(x),), ts[max(i - 1, 0)], device=x.device, dtype=torch.long)
         with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
             eps_pred = model(x, t)
-        ab = alpha_bar[ts[i - 1]] if i > 0 else torch.ones_like(alpha_bar[0])  # alpha_bar = 1: the data
+        ab = alpha_bar[ts[i - 1]] if i > 0 else torch.ones_like(alpha_bar[0])  # 1: the data
         x = ddim_step(x, eps_pred.float(), ab, alpha_bar[t_next], zero, zero, clip_x0=False)
     return x
 
-
 def slerp(z0, z1, w):
-    """Spherical interpolation between two noise tensors (DDIM Sec. 5.3): a straight line would pass
+    """Spherical interpolation between two noise tensors (Sec. 5.3): a straight line would pass
     through points of much smaller norm than a Gaussian x_T ever has."""
     theta = torch.arccos((z0 * z1).sum() / (z0.norm() * z1.norm()))
     return (torch.sin((1 - w) * theta) * z0 + torch.sin(w * theta) * z1) / torch.sin(theta)
 
-
-def generate(model, n, image_shape, alpha_bar, timesteps, eta, seed, batch_size, n_frames=0, progress=True):
+def generate(model, n, shape, alpha_bar, timesteps, eta, seed, batch_size, n_frames=0):
     """n samples as uint8 (n, C, H, W), drawn in batches; frames of the first batch for a GIF."""
-    gen = torch.Generator(alpha_bar.device).manual_seed(seed)
-    model.eval()
-    out, frames = [], []
+    gen, out, frames = torch.Generator(alpha_bar.device).manual_seed(seed), [], []
     for start in range(0, n, batch_size):
-        desc = f"sampling {start // batch_size + 1}/{math.ceil(n / batch_size)}" if progress else None
-        x = torch.randn((min(batch_size, n - start), *image_shape), device=alpha_bar.device, generator=gen)
-        x, f = ddim_sample_loop(model, x, alpha_bar, timesteps, eta, gen, n_frames if start == 0 else 0,
-                                desc=desc)
-        out.append(to_uint8(x))
-        frames = frames or f
-    model.train()
+        x = torch.randn((min(batch_size, n - start), *shape), device=gen.device, generator=gen)
+        x, f = ddim_sample_loop(model, x, alpha_bar, timesteps, eta, gen, 0 if start else n_frames)
+        out, frames = out + [to_uint8(x)], frames or f
     return torch.cat(out), frames
-
-
+# %% Data
+DATASETS = {"mnist": ("MNIST", 28, "MNIST/raw"), "cifar10": ("CIFAR10", 32, "cifar-10-batches-py"),
+            "fashion-mnist": ("FashionMNIST", 28, "FashionMNIST/raw")}  # class, side, files
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+def load_images(dataset, data_dir, size):
+    """The training set as uint8 (N, C, size, size); for a folder, its image count and name hash."""
+    if dataset in DATASETS:
+        name, _, where = DATASETS[dataset]
+        try:  # torchvision downloads only what is not on disk; quietly, as offline it fails
+            with contextlib.redirect_stdout(io.StringIO()):  # its messages go to stdout
+                x = getattr(torchvision.datasets, name)(data_dir, download=True).data
+        except Exception as e:
+            raise FileNotFoundError(f"{dataset} is not in {data_dir} and could not be downloaded "
+                                    f"({type(e).__name__}): put its files in {data_dir}/{where}")
+        x = torch.as_tensor(x)[:, None] if x.ndim == 3 else torch.as_tensor(x).permute(0, 3, 1, 2)
+        check_memory(len(x) * x.shape[1] * size ** 2, f"{dataset} at --image-size {size}")
+        resize = lambda c: F.interpolate(c.float(), size, mode="bilinear", antialias=True).round()
+        return torch.cat([resize(c).clamp(0, 255).byte() for c in x.split(1000)]), None
+    if not Path(dataset).is_dir():  # a name that is no dataset, or a path that is not there
+        raise ValueError(f"--dataset {dataset}: no such folder" if os.sep in dataset else
+                         f"unknown dataset {dataset!r}: use {', '.join(DATASETS)} or a folder")
+    files = [f for f in sorted(Path(dataset).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not (files := [f for f in files if f.is_file()]):
+        raise ValueError(f"--dataset {dataset}: the folder holds no images of {IMAGE_SUFFIXES}")
+    check_memory(len(files) * 3 * size ** 2, f"{len(files)} images at --image-size {size}")
+    names = "".join(f"{f.relative_to(dataset)}:{f.stat().st_size};" for f in files).encode()
+    images = [ImageOps.fit(read_image(f), (size, size)) for f in tqdm(files, delay=2)]
+    images = torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2)  # the central square, resized
+    return images, f"{len(files)} images, {hashlib.sha1(names).hexdigest()[:16]}"
+def read_image(path):  # as RGB; 16-bit ones scaled to 8 bits (convert() would clip them to white)
+    try:
+        with Image.open(path) as img:
+            if img.mode == "F": raise OSError("a float image has no agreed range; save 8 or 16 bit")
+            if img.mode.startswith("I"):  # "I;16", "I;16B", or "I" as some readers give 16 bits
+                img = Image.fromarray((np.asarray(img) / 257).clip(0, 255).astype(np.uint8))
+            return img.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as e:  # a bomb: too many pixels to decode
+        raise ValueError(f"cannot read image {path}: {e}") from None
+def get_batch(data, batch_size, generator):
+    """A random batch from the uint8 tensor on the device, scaled to [-1, 1] (DDPM Sec. 3.3)."""
+    idx = torch.randint(len(data), (batch_size,), device=data.device, generator=generator)
+    return data[idx].float() / 127.5 - 1
+def check_memory(nbytes, what):  # refuse, before allocating, over half of this machine's memory
+    gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9 if os.name != "nt" else 1e9
+    if nbytes / 1e9 > gb / 2: raise ValueError(f"{what} needs {nbytes / 1e9:.1f} of {gb:.0f} GB")
+# %% Pictures
 def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def save_grid(images, path, nrow=8):
-    """A uint8 (N, C, H, W) batch as one PNG grid."""
-    grid = torchvision.utils.make_grid(images[:nrow * nrow], nrow=nrow, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(path)
-
-
-def save_gif(frames, path, nrow=8):
-    """The reverse process x_T .. x_0 as an animated GIF, holding the last frame."""
-    grids = [torchvision.utils.make_grid(to_uint8(f[:nrow * nrow]), nrow=nrow, pad_value=255) for f in frames]
-    pics = [Image.fromarray(g.permute(1, 2, 0).squeeze(-1).numpy()) for g in grids]
-    pics[0].save(path, save_all=True, append_images=pics[1:], duration=[80] * (len(pics) - 1) + [2000], loop=0)
-
-
-def save_forward_strip(data, alpha_bar, path, n=8, cols=10, seed=0):
-    """Rows of real images noised by q(x_t | x_0) at cols evenly spaced t, from x_0 to x_T."""
-    gen = torch.Generator(data.device).manual_seed(seed)
-    x0 = get_batch(data, n, gen)
-    ts = torch.linspace(0, len(alpha_bar) - 1, cols).round().long().to(data.device)
-    eps = torch.randn(x0.shape, device=data.device, generator=gen)
-    xt = [q_sample(x0, t.repeat(n), eps, alpha_bar) for t in ts]
-    save_grid(to_uint8(torch.stack(xt, 1).flatten(0, 1)), path, nrow=cols)
-
-
-def write_samples(model, n, image_shape, alpha_bar, args, out_dir, data=None):
-    """The final outputs: a grid, a GIF of the reverse process and, with --npz, the samples; an
-    interpolation strip and, given real images, their inversion."""
-    taus = sampling_timesteps(len(alpha_bar), args.sampling_steps, args.spacing)
-    t0 = time.perf_counter()
-    images, frames = generate(model, n, image_shape, alpha_bar, taus, args.eta, args.seed,
+def grid(images, nrow=8):  # a uint8 (N, C, H, W) batch as one picture, nrow x nrow at most
+    g = torchvision.utils.make_grid(images[:nrow * nrow], nrow=nrow, pad_value=255)
+    return Image.fromarray(g.permute(1, 2, 0).squeeze(-1).numpy())
+def write_samples(model, n, shape, alpha_bar, args, data=None, name="samples"):
+    """NAME.png: n samples; the final ones also reverse.gif, --npz, interpolation and inversion."""
+    taus, t0 = sampling_timesteps(len(alpha_bar), args.sampling_steps, args.spacing), time.time()
+    images, frames = generate(model, n, shape, alpha_bar, taus, args.eta, args.seed,
                               args.sample_batch_size, n_frames=40)
-    if alpha_bar.device.type == "cuda":
-        torch.cuda.synchronize()
-    secs = time.perf_counter() - t0
-    save_grid(images, out_dir / "samples.png")
-    save_gif(frames, out_dir / "reverse.gif")
-    if args.npz:
-        Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy())  # uint8 NHWC, as FID tools read
-    where = f"{out_dir}/samples.png, {out_dir}/reverse.gif" + (f", {args.npz}" if args.npz else "")
-    print(f"sampled {n} images in {secs:.1f} s ({n / secs:.1f} img/s, {len(taus)} steps, eta {args.eta:g}): {where}")
-    save_interpolation(model, image_shape, alpha_bar, taus, args.seed, out_dir / "interpolation.png")
-    print(f"interpolation: {out_dir}/interpolation.png (rows: slerp between two x_T, decoded with eta 0)")
+    grid(images).save(Path(args.out_dir, f"{name}.png"))
+    if name != "samples":
+        return
+    gif = [grid(to_uint8(f)) for f in frames]
+    gif[0].save(Path(args.out_dir, "reverse.gif"), save_all=True, append_images=gif[1:],
+                duration=[80] * len(gif[1:]) + [2000])
+    if args.npz: np.savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy())
+    print(f"sampled {n} images in {time.time() - t0:.1f} s ({n / (time.time() - t0):.1f} img/s, "
+          f"{len(taus)} steps, eta {args.eta:g}): {args.out_dir}/samples.png, reverse.gif")
+    save_interpolation(model, shape, alpha_bar, taus, args.seed, out := Path(args.out_dir))
+    print(f"interpolation: {out}/interpolation.png (slerp between two x_T, eta 0)")
     if data is not None:
-        rmse, std = save_inversion(model, data, alpha_bar, taus, out_dir / "inversion.png", seed=args.seed)
-        print(f"inversion: 16 real images to x_T (std {std:.2f}) and back, {len(taus)} steps each way: "
-              f"RMSE {rmse:.2f} grey levels of 255; {out_dir}/inversion.png (originals above reconstructions)")
-
-
+        rmse, std = save_inversion(model, data, alpha_bar, taus, out / "inversion.png")
+        print(f"inversion: 16 real images to x_T (std {std:.2f}) and back, {len(taus)} steps each "
+              f"way: RMSE {rmse:.2f} grey levels of 255; {out}/inversion.png")
 def save_inversion(model, data, alpha_bar, timesteps, path, n=16, seed=0):
-    """Encode n real images to x_T with ddim_invert and decode them back (eta = 0, DDIM Sec. 5.4):
-    rows of originals above their reconstructions. Returns the RMSE in grey levels (0-255)."""
-    gen = torch.Generator(data.device).manual_seed(seed)
-    x0 = get_batch(data, n, gen)
-    model.eval()
+    """Encode n real images to x_T with ddim_invert and decode them back (eta = 0, Sec. 5.4): rows
+    of originals above their reconstructions. Returns the RMSE in grey levels and the std of x_T."""
+    x0 = get_batch(data, n, torch.Generator(data.device).manual_seed(seed))
     xT = ddim_invert(model, x0, alpha_bar, timesteps)
-    rec, _ = ddim_sample_loop(model, xT, alpha_bar, timesteps, eta=0.0)
-    model.train()
-    original, rec = to_uint8(x0), to_uint8(rec)
-    rows = torch.stack([original.view(-1, 8, *original.shape[1:]), rec.view(-1, 8, *rec.shape[1:])], 1)
-    save_grid(rows.flatten(0, 2), path)
+    original, rec = to_uint8(x0), to_uint8(ddim_sample_loop(model, xT, alpha_bar, timesteps)[0])
+    rows = torch.stack([original.view(-1, 8, *x0.shape[1:]), rec.view(-1, 8, *x0.shape[1:])], 1)
+    grid(rows.flatten(0, 2)).save(path)  # each row of 8 originals over their reconstructions
     return (original.float() - rec.float()).pow(2).mean().sqrt().item(), xT.std().item()
-
-
-def save_interpolation(model, image_shape, alpha_bar, timesteps, seed, path, rows=4, cols=10):
-    """Rows of images decoded with eta = 0 from slerp(z0, z1, w), w from 0 to 1 (DDIM Sec. 5.3)."""
-    device = alpha_bar.device
-    z = torch.randn((2 * rows, *image_shape), device=device, generator=torch.Generator(device).manual_seed(seed))
-    x = torch.stack([slerp(z[2 * r], z[2 * r + 1], w) for r in range(rows) for w in torch.linspace(0, 1, cols)])
-    model.eval()
-    x0, _ = ddim_sample_loop(model, x, alpha_bar, timesteps, eta=0.0)
-    model.train()
-    save_grid(to_uint8(x0), path, nrow=cols)
-
-
-# DDIM Table 1 on this model: sampling steps S against eta.
-SWEEP_STEPS, SWEEP_ETAS = (10, 20, 50, 100, 1000), (0.0, 1.0)
-
-
-def run_sweep(model, config, image_shape, alpha_bar, args, out_dir):
-    """For each eta and S: sample --sweep-samples images, time them (the GPU synchronised), and score
-    them with evaluate.py when it is present. Prints the table and writes sweep.txt and sweep.json."""
+def save_interpolation(model, shape, alpha_bar, timesteps, seed, out_dir, rows=4, cols=10):
+    """interpolation.png: rows decoded with eta 0 from slerp(z0, z1, w), w in [0, 1] (Sec. 5.3)."""
+    z = torch.randn((2, rows, *shape), generator=torch.Generator().manual_seed(seed))
+    x = [slerp(z[0, r], z[1, r], w) for r in range(rows) for w in torch.linspace(0, 1, cols)]
+    x0, _ = ddim_sample_loop(model, torch.stack(x).to(alpha_bar.device), alpha_bar, timesteps)
+    grid(to_uint8(x0), nrow=cols).save(Path(out_dir, "interpolation.png"))
+# %% Checkpoints
+def save_checkpoint(path, state):  # a temporary file, renamed: no write leaves a broken file
+    torch.save(state, tmp := path.with_name(f"{path.name}.{os.getpid()}.tmp"))
+    os.replace(tmp, path)
+def load_checkpoint(path, scripts=(SCRIPT,), keys=("step", "image_shape", "model", "ema", "opt")):
+    """A checkpoint dict, read without executing code from the file (weights_only=True)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one, or pass --ckpt PATH")
     try:
-        import evaluate  # the repository's metric, outside this file; without it the sweep only times
-    except ImportError:
-        evaluate = print("evaluate.py not found: timing only")
-    device, T, n, lines, rows = alpha_bar.device, len(alpha_bar), args.sweep_samples, [], []
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for eta in SWEEP_ETAS:
-        for S in [s for s in SWEEP_STEPS if s <= T]:
-            sync()
-            t0 = time.perf_counter()
-            images, _ = generate(model, n, image_shape, alpha_bar, sampling_timesteps(T, S, args.spacing), eta,
-                                 args.seed, args.sample_batch_size)
-            sync()
-            row = {"S": S, "eta": eta, "seconds": time.perf_counter() - t0}
-            row["img_s"], score = n / row["seconds"], ""
-            if evaluate:
-                try:
-                    m = evaluate.evaluate_images(images.permute(0, 2, 3, 1).numpy(), dataset=config["dataset"],
-                                                 data_dir=args.data_dir, device=device)
-                    row |= {k: m[k] for k in ("fid", "kid", "kid_std", "precision", "recall")}
-                    score = (f"{m['fid']:7.2f} {m['kid']:7.4f} +- {m['kid_std']:.4f} {m['precision']:5.3f} "
-                             f"{m['recall']:6.3f} ")
-                except (evaluate.InputError, FileNotFoundError) as e:
-                    evaluate = print(f"no scores: {e}")
-            rows.append(row)
-            lines.append(f"{S:5d} {eta:4g} {score}{row['seconds']:8.1f} {row['img_s']:8.1f}")
-            print(lines[-1], flush=True)
-    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    header = f"{'S':>5} {'eta':>4} " + (f"{'FID':>7} {'KID':>16} {'prec':>5} {'recall':>6} " if score else "")
-    table = "\n".join([header + f"{'seconds':>8} {'img/s':>8}", *lines, f"{n} samples per row, {device}{gpu}"])
-    print(table)
-    (out_dir / "sweep.txt").write_text(table + "\n")
-    (out_dir / "sweep.json").write_text(json.dumps({"rows": rows, "samples": n, "device": f"{device}{gpu}",
-                                                    "config": config}, indent=1))
-    print(f"sweep: {out_dir}/sweep.txt, {out_dir}/sweep.json")
-
-
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path}, it is corrupt or truncated ({type(e).__name__})")
+    if (found := ckpt.get("script") if isinstance(ckpt, dict) else None) not in scripts:
+        raise ValueError(f"{path} is not a checkpoint of {' or '.join(s + '.py' for s in scripts)} "
+                         f"(it says {found!r})")
+    if missing := {"config", *keys} - ckpt.keys():
+        raise ValueError(f"{path} lacks {', '.join(sorted(missing))}: it is damaged")
+    return ckpt
+def claim_outputs(out_dir, *files):
+    """Before any work: each output's folder must take files, and out_dir is locked against a
+    second run (a POSIX lock of this process, freed by the kernel when it ends, killed or not)."""
+    try:
+        for folder in (out_dir, *(Path(f).parent for f in files if f)):
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()  # read-only storage fails now, not later
+        if dirs := [f for f in files if f and Path(f).is_dir()]:
+            raise IsADirectoryError(0, "", dirs[0])
+        lock = open(out_dir / ".lock", "w")
+    except OSError as e:  # read-only storage, a file where a folder should be, or the reverse
+        raise ValueError(f"cannot write {e.filename}: {e.strerror or 'it is a folder'}") from None
+    try:
+        if os.name == "posix":  # Windows has no fcntl, and so no lock
+            __import__("fcntl").lockf(lock, 6)  # 6 = LOCK_EX | LOCK_NB: refuse, never wait
+        return lock
+    except OSError:
+        raise ValueError(f"{out_dir} is in use by another run: wait, or use another --out-dir")
+# %% Configuration and command line
+def valid(kind, ok=lambda v: v > 0, what="positive"):  # an argparse type=, refusing nan and inf too
+    def parse(text):
+        if isinstance(value := kind(text), float) and not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the kind of a bad text: "invalid int value"
+    return parse
+POSITIVE, COUNT, REAL = valid(int), valid(int, lambda v: v >= 0, "non-negative"), valid(float)
+WIDTH = valid(int, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (GroupNorm: 8 groups)")
+MULT = valid(str, lambda s: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", s), "positive integers, like 1,2")
+# flag: (default, type or choices, help). A pair is (CUDA, CPU or mps): on CUDA a 6.1M-parameter
+# U-Net that sees 2.56M images (43 epochs of MNIST); on a CPU a 0.64M-parameter one, narrow at full
+# resolution where convolutions cost most (sampling batches of 256 were no faster than 64 there).
+FLAGS = {
+    "dataset": ("mnist", lambda s: str(Path(s)), "mnist, fashion-mnist, cifar10 or a folder"),
+    "image_size": (None, POSITIVE, "image side (default: 28 (fashion-)mnist, 32 cifar10, 64)"),
+    "base_channels": ((64, 16), WIDTH, "U-Net width at full resolution"),
+    "channel_mult": (("1,2,2", "1,2,4"), MULT, "width per U-Net level, each halving H and W"),
+    "num_res_blocks": ((2, 1), POSITIVE, "residual blocks per U-Net level"),
+    "schedule": ("linear", ("linear", "cosine"), "betas 1e-4..0.02 (DDPM) or cosine (Nichol 2021)"),
+    "timesteps": (1000, valid(int, lambda v: v >= 2, "at least 2"), "T, the diffusion steps"),
+    "data_dir": ("data", str, "where torchvision datasets live or are downloaded"),
+    "out_dir": (f"runs/{SCRIPT}", str, "checkpoint, sample grids and GIFs go here"),
+    "ckpt": (None, str, "checkpoint to write, resume or sample (default: OUT_DIR/ckpt.pt)"),
+    "steps": ((10000, 3000), POSITIVE, "training steps"), "lr": ((1e-3, 1e-3), REAL, "AdamW's"),
+    "batch_size": ((256, 64), POSITIVE, "images per step and per process"),
+    "warmup": (200, COUNT, "steps of lr warm-up"), "lr_decay": (False, None, "cosine decay to 0"),
+    "grad_clip": (1.0, valid(float, lambda v: v >= 0, "non-negative"), "gradient norm clip"),
+    "ema_decay": (0.999, valid(float, lambda v: 0 <= v < 1, "in [0, 1)"), "EMA decay"),
+    "seed": (0, valid(int, lambda v: 0 <= v < 2**31, "in 0..2^31-1"), "seeds weights, data, noise"),
+    "log_every": ((100, 10), POSITIVE, "steps per log"), "compile": (False, None, "torch.compile"),
+    "ckpt_every": ((2000, 500), POSITIVE, "steps between checkpoints"),
+    "sample_every": ((2000, 1500), COUNT, "steps between sample grids, 0 for none"),
+    "resume": (False, None, "continue training from --ckpt"),
+    "sample_only": (False, None, "only sample from --ckpt (ddim.py's or ddpm.py's)"),
+    "num_samples": (64, POSITIVE, "images in the final grid and in --npz"),
+    "npz": (None, lambda s: s if s.endswith(".npz") else s + ".npz", "also save them, uint8 NHWC"),
+    "sample_batch_size": ((1000, 64), POSITIVE, "images per sampling batch"),
+    "sampling_steps": (50, POSITIVE, "S, the DDIM steps: a sub-sequence of the T training steps"),
+    "eta": (0.0, valid(float, lambda v: v >= 0, "non-negative"), "noise of the sampler (Eq. 16): 0 "
+            "is deterministic DDIM, 1 with S = T is DDPM's sampler"),
+    "spacing": ("uniform", ("uniform", "quadratic"), "the S steps: even, or denser near the data"),
+    "device": ("auto", ("auto", "cuda", "mps", "cpu"), "auto picks cuda, then mps, then cpu"),
+}
+RUN_FLAGS = tuple(FLAGS)[:7]  # dataset..timesteps: fixed by a checkpoint, whose values they take
+def build_parser():  # a flag left out stays None until fill_flags gives it its default
+    p = argparse.ArgumentParser(f"{SCRIPT}.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage
+    for name, (default, kind, help) in FLAGS.items():
+        shown = f"{default[0]} on CUDA, {default[1]} else" if type(default) is tuple else default
+        how = ({"action": "store_true"} if default is False else {"choices": kind}
+               if type(kind) is tuple else {"type": kind})
+        p.add_argument("--" + name.replace("_", "-"), help=f"{help} (default: {shown})", **how)
+    return p
+def fill_flags(args, device, saved=None, path=None, run_flags=RUN_FLAGS):
+    """Flags left out take the checkpoint's values (run_flags), else their defaults on this device;
+    a model or schedule flag that differs from the checkpoint's is refused."""
+    for name, (default, *_) in FLAGS.items():
+        value = saved[name] if saved and name in run_flags else default
+        if saved and name in run_flags and getattr(args, name) not in (None, value):
+            raise ValueError(f"{path} was trained with --{name.replace('_', '-')} {value}, not "
+                             f"{getattr(args, name)}: leave the flag out, or pass the same value")
+        if getattr(args, name) is None:
+            setattr(args, name, value[device.type != "cuda"] if type(value) is tuple else value)
+    args.image_size = args.image_size or DATASETS.get(args.dataset, (0, 64))[1]
 # %% Main
-
-def setup_device(args, parser):
-    """The device (cuda, then mps, then cpu) and, under torchrun, the process group."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    kind = args.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if kind == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is visible; use --device cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        parser.error("--device mps: MPS is not available; use --device cpu")
-    device = torch.device(kind, int(os.environ.get("LOCAL_RANK", 0))) if kind == "cuda" else torch.device(kind)
-    if world > 1:
-        if kind == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device, rank, world
-
-
-def main(argv=None):
-    """Train (or with --sample-only, sample; with --sweep, sweep); returns the EMA model."""
-    args, parser = parse_args(argv)
-    device, rank, world = setup_device(args, parser)
-    out_dir = Path(args.out_dir)
-    ckpt_path = Path(args.ckpt) if args.ckpt else out_dir / "ckpt.pt"
-    ckpt = None
-    sampling = args.sample_only or args.sweep
-    if sampling or args.resume:
-        try:
-            ckpt = load_checkpoint(ckpt_path, scripts=(SCRIPT, "ddpm"))  # the same training, so the same weights
-        except (FileNotFoundError, ValueError) as e:
-            parser.error(str(e))
-    elif ckpt_path.exists():
-        parser.error(f"{ckpt_path} exists: pass --resume to continue it, or a new --out-dir to start afresh")
-    if args.resume:
-        for flag in RUN_FLAGS:
-            if ckpt["config"].get(flag) != getattr(args, flag):
-                parser.error(f"{ckpt_path} was trained with --{flag.replace('_', '-')} {ckpt['config'].get(flag)}, "
-                             f"not {getattr(args, flag)}: pass the same value to resume it")
-    if sampling:  # the checkpoint fixes the schedule and the model: a flag that says otherwise is a mistake
-        for flag in RUN_FLAGS:
-            if getattr(args, flag) not in (parser.get_default(flag), ckpt["config"].get(flag)):
-                parser.error(f"{ckpt_path} was trained with --{flag.replace('_', '-')} {ckpt['config'].get(flag)}, "
-                             f"not {getattr(args, flag)}: leave the flag out to sample it")
-    config = ckpt["config"] if sampling else vars(args)
-    check_image_size(config["image_size"] or default_image_size(config["dataset"]),
-                     len(config["channel_mult"].split(",")), parser)
-    if args.sampling_steps > config["timesteps"] and not args.sweep:  # the sweep sets S itself
-        parser.error(f"--sampling-steps {args.sampling_steps} is more than the model's T = {config['timesteps']} "
-                     f"training steps: pick S from 1 to {config['timesteps']}")
-    betas64 = make_betas(config["schedule"], config["timesteps"])
-    betas, alpha_bar = betas64.float().to(device), torch.cumprod(1 - betas64, 0).float().to(device)
-
-    if sampling:
-        model = build_model(config, ckpt["image_shape"][0]).to(device)
-        try:
-            model.load_state_dict(ckpt["ema"])
-        except (KeyError, RuntimeError):
-            parser.error(f"{ckpt_path}: its weights do not fit its own config; it is damaged, use another --ckpt")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if args.sweep:
-            run_sweep(model, config, ckpt["image_shape"], alpha_bar, args, out_dir)
-            return model
-        try:  # real images only for the inversion figure; sampling needs none
-            data = load_images(config["dataset"], args.data_dir, ckpt["image_shape"][-1]).to(device)
-        except (FileNotFoundError, ValueError) as e:
-            data = print(f"no inversion figure: {e}")
-        write_samples(model, args.num_samples, ckpt["image_shape"], alpha_bar, args, out_dir, data)
-        return model
-
-    size = args.image_size or default_image_size(args.dataset)
-    try:
-        data = load_images(args.dataset, args.data_dir, size).to(device)  # the whole set, on the device
+def setup_device(name):  # cuda, then mps, then cpu, unless named; under torchrun, the group too
+    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": 1}
+    name = next(d for d in ok if ok[d]) if name == "auto" else name
+    if not ok[name]: raise ValueError(f"--device {name}: no {name} device is visible; use cpu")
+    device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0)) if name == "cuda" else None)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: a process per GPU (gloo on CPUs)
+        torch.cuda.set_device(device) if name == "cuda" else None
+        dist.init_process_group("nccl" if name == "cuda" else "gloo")
+    return device
+def main(argv=None):  # train, then sample (with --sample-only, only sample); returns the EMA
+    parser = build_parser()  # in a notebook sys.argv is the kernel's: Run all takes the defaults
+    args = parser.parse_args([] if argv is None and "ipykernel" in sys.modules else argv)
+    try:  # each mistake of the user's ends here, in one line, before any work
+        device = setup_device(args.device or "auto")
+        ckpt_path = Path(args.ckpt or Path(args.out_dir or FLAGS["out_dir"][0], "ckpt.pt"))
+        # Sampling takes ddpm.py's checkpoints too (the same training); resuming one would take it.
+        scripts = (SCRIPT, "ddpm") if args.sample_only else (SCRIPT,)
+        ckpt = load_checkpoint(ckpt_path, scripts) if args.sample_only or args.resume else None
+        if ckpt is None and ckpt_path.exists():
+            raise ValueError(f"{ckpt_path} exists: pass --resume to go on, or a new --out-dir")
+        fill_flags(args, device, ckpt and ckpt["config"], ckpt_path)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        betas64 = make_betas(args.schedule, args.timesteps)
+        if args.sampling_steps > args.timesteps:
+            raise ValueError(f"--sampling-steps {args.sampling_steps} is more than the model's T = "
+                             f"{args.timesteps} training steps: pick S from 1 to {args.timesteps}")
+        lock = rank == 0 and claim_outputs(Path(args.out_dir), ckpt_path, args.npz)
+        data, found = (None, None) if args.sample_only else load_images(args.dataset, args.data_dir,
+                                                                        args.image_size)
+        if ckpt and not args.sample_only and ckpt.get("fingerprint") != found:
+            raise ValueError(f"{ckpt_path} was trained on other images: {ckpt.get('fingerprint')}")
+        shape = ckpt["image_shape"] if args.sample_only else list(data.shape[1:])
+        check_memory(args.sample_batch_size * math.prod(shape) * args.base_channels * 200,
+                     f"a sampling batch of {args.sample_batch_size} (--sample-batch-size)")
+        torch.manual_seed(args.seed)
+        model = build_model(vars(args), shape[0]).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), args.lr, fused=device.type == "cuda")
+        modules = {"ema": ema} if args.sample_only else {"ema": ema, "model": model, "opt": opt}
+        for key in modules if ckpt else (): modules[key].load_state_dict(ckpt[key])
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
-    if ckpt and list(data.shape[1:]) != ckpt["image_shape"]:
-        parser.error(f"{ckpt_path} was trained on {ckpt['image_shape']} images, this data is {list(data.shape[1:])}")
-    torch.manual_seed(args.seed)
-    model = build_model(config, data.shape[1]).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    start = 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
+    except (KeyError, RuntimeError, TypeError, ZeroDivisionError):  # damaged, or edited by hand
+        parser.error(f"{ckpt_path}: its weights do not fit its own config; it is damaged")
+    alpha_bar = torch.cumprod(1 - betas64, 0).float().to(device)
+    sample = lambda n, name="samples": write_samples(ema, n, shape, alpha_bar, args, data, name)
+    if args.sample_only:
+        try:  # real images only for the inversion figure; sampling needs none
+            data = load_images(args.dataset, args.data_dir, args.image_size)[0].to(device)
+        except (FileNotFoundError, ValueError) as e:
+            data = print(f"no inversion figure: {e}")
+        return sample(args.num_samples) or ema
+    data, start = data.to(device), ckpt["step"] if ckpt else 0  # the whole set lives on the device
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if device.type != "cuda":
-            print(f"no CUDA GPU: training on {device.type} with the small defaults (see --help for both sets)")
-        print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])} on {device}; U-Net of "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-              f"steps {start}..{args.steps}, batch {args.batch_size} x {world} process(es)")
-        save_forward_strip(data, alpha_bar, out_dir / "forward.png", seed=args.seed)
-    step, wall, interrupted = train(args, model, ema, opt, data, betas, alpha_bar, start, ckpt_path, rank, world)
-    if rank == 0:
-        n_img = (step - start) * args.batch_size * world
-        print(f"{'stopped' if interrupted else 'trained'} at step {step}: {step - start} steps in "
-              f"{wall / 60:.1f} min, {n_img / max(wall, 1e-9):.0f} img/s; checkpoint {ckpt_path}")
-    if interrupted:
-        sys.exit(130)  # the usual exit status after Ctrl-C
-    if rank == 0:
-        write_samples(ema, args.num_samples, data.shape[1:], alpha_bar, args, out_dir, data)
-    if world > 1:
-        dist.destroy_process_group()
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{args.dataset}: {len(data)} images {tuple(shape)}; a U-Net of {params} parameters; "
+              f"batch {args.batch_size} x {world} process(es) on {device}" + (device.type != "cuda")
+              * " (no CUDA GPU: the small defaults, see --help)")
+        x0 = get_batch(data, 8, gen := torch.Generator(device).manual_seed(args.seed))
+        eps = torch.randn(x0.shape, device=device, generator=gen)  # forward.png: q(x_t | x_0)
+        ts = torch.linspace(0, args.timesteps - 1, 10).long().to(device)
+        xt = torch.stack([q_sample(x0, t.repeat(8), eps, alpha_bar) for t in ts], 1).flatten(0, 1)
+        grid(to_uint8(xt), nrow=10).save(Path(args.out_dir, "forward.png"))
+    loss = lambda net, gen: loss_fn(net, get_batch(data, args.batch_size, gen), alpha_bar, gen)
+    extra = {"config": vars(args), "image_shape": shape, "fingerprint": found}
+    preview = lambda step: sample(64, f"samples_{step:06d}")
+    if train(model, ema, opt, loss, args, start, ckpt_path, extra, preview):
+        sys.exit(130)  # stopped by a signal: the usual exit status after Ctrl-C
+    if rank == 0: sample(args.num_samples)
+    if world > 1: dist.destroy_process_group()
     return ema
-
-
 if __name__ == "__main__":
     main()

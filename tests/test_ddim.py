@@ -1,7 +1,6 @@
 """Tests of ddim.py: the DDIM update against DDPM's step and against an analytic model of
-Gaussian data, inversion, the sweep, ddpm.py checkpoints, and bad input. The training loop is
+Gaussian data, inversion, ddpm.py checkpoints, and bad input. The training loop is
 ddpm.py's, tested there; test_shared.py holds the two copies of it identical."""
-import json
 import math
 import os
 import subprocess
@@ -200,16 +199,6 @@ def trained(tiny_mnist, tmp_path_factory):
     return out / "ckpt.pt"
 
 
-def test_sweep_scores_and_times_every_setting(trained, tiny_mnist, tmp_path, capsys):
-    ddim.main(["--sweep", "--ckpt", str(trained), "--out-dir", str(tmp_path), "--data-dir", str(tiny_mnist),
-               "--sweep-samples", "130", "--device", "cpu", "--sample-batch-size", "130"])
-    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
-    assert [(r["S"], r["eta"]) for r in rows] == [(10, 0.0), (20, 0.0), (10, 1.0), (20, 1.0)]  # S <= T = 20
-    assert all(r["fid"] > 0 and r["img_s"] > 0 and 0 <= r["precision"] <= 1 for r in rows)
-    table = (tmp_path / "sweep.txt").read_text().splitlines()
-    assert "FID" in table[0] and len(table) == 6 and table[-1].startswith("130 samples per row")
-
-
 # ---- bad input: one line, exit code 2, no traceback ----
 
 def expect_usage_error(capsys, argv, message):
@@ -222,9 +211,10 @@ def expect_usage_error(capsys, argv, message):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--sampling-steps", "0"], "--sampling-steps must be positive, got 0"),
+    (["--sampling-steps", "0"], "--sampling-steps: must be positive, got 0"),
     (["--sampling-steps", "21"], "--sampling-steps 21 is more than the model's T = 20"),
-    (["--eta", "-0.5"], "--eta must not be negative, got -0.5"),
+    (["--eta", "-0.5"], "--eta: must be non-negative, got -0.5"),
+    (["--eta", "nan"], "--eta: must be non-negative, got nan"),
     (["--schedule", "cosine"], "was trained with --schedule linear, not cosine"),
     (["--timesteps", "50"], "was trained with --timesteps 20, not 50"),
     (["--base-channels", "24"], "was trained with --base-channels 8, not 24"),
@@ -242,7 +232,7 @@ def test_checkpoint_that_does_not_fit(capsys, tmp_path, trained):
                                 "--sampling-steps", "10"],
                        "its weights do not fit its own config")
     torch.save({"script": "conditional", "model": {}}, tmp_path / "other.pt")
-    expect_usage_error(capsys, ["--sweep", "--ckpt", tmp_path / "other.pt"],
+    expect_usage_error(capsys, ["--sample-only", "--ckpt", tmp_path / "other.pt"],
                        "is not a checkpoint of ddim.py or ddpm.py")
 
 
@@ -250,3 +240,16 @@ def test_bad_input_in_a_real_process_prints_one_line(tmp_path):
     r = run_cli("--sample-only", "--ckpt", tmp_path / "none.pt", "--out-dir", tmp_path)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_resuming_a_ddpm_checkpoint_leaves_it_to_ddpm(capsys, tiny_mnist, tmp_path):
+    """ddim.py samples ddpm.py's checkpoints, but resuming one would rewrite it as ddim.py's (after
+    which ddpm.py would refuse its own run): it is refused, and the checkpoint is unchanged."""
+    ddpm.main(["--dataset", "mnist", "--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path), "--steps", "3",
+               "--sample-every", "0", *TINY[:-2]])
+    before, _ = (tmp_path / "ckpt.pt").read_bytes(), capsys.readouterr()
+    expect_usage_error(capsys, ["--resume", "--out-dir", tmp_path, "--steps", "6", "--data-dir", tiny_mnist, *TINY],
+                       "is not a checkpoint of ddim.py (it says 'ddpm')")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert ddpm.main(["--resume", "--out-dir", str(tmp_path), "--steps", "6", "--data-dir", str(tiny_mnist),
+                      "--sample-every", "0", *TINY[:-2]]) is not None  # still ddpm.py's to resume
