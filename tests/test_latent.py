@@ -12,15 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-import ddpm
 import latent
 from conftest import ROOT, make_digits
 
-# Both stages small enough that a CPU step takes milliseconds; T = 20 keeps sampling cheap. No FID:
-# evaluate.py would train its classifier on the tiny data and cache it under runs/.
+# Both stages small enough that a CPU step takes milliseconds; T = 20 keeps sampling cheap.
 TINY = ["--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20",
         "--ae-channels", "8", "--batch-size", "8", "--ae-batch-size", "8", "--sample-batch-size", "16",
-        "--num-samples", "16", "--log-every", "5", "--fid-samples", "0"]
+        "--num-samples", "16", "--log-every", "5"]
 
 
 def run_cli(*args, **kw):
@@ -48,7 +46,7 @@ def test_encoder_and_decoder_shapes(size, channels):
 
 
 def test_scaled_latents_have_unit_std_on_the_data(tiny_mnist):
-    data = latent.load_images("mnist", tiny_mnist, 28)
+    data, _ = latent.load_images("mnist", tiny_mnist, 28)
     torch.manual_seed(0)
     ae = latent.Autoencoder(1, base=8, latent_channels=4)
     with torch.no_grad():  # make the raw latents far from unit std, so that the scale has work to do
@@ -91,46 +89,29 @@ def test_ae_loss_is_l1_plus_weighted_kl():
 
 
 def test_default_sampler_is_ddim_with_200_steps_or_T_if_fewer():
-    steps = lambda *argv: latent.sampler_steps(latent.parse_args(["--device", "cpu", *argv])[0], 1000)
-    assert (steps(), steps("--sampling-steps", "0"), steps("--sampling-steps", "50")) == (200, 0, 50)
-    assert latent.sampler_steps(latent.parse_args(["--device", "cpu"])[0], 20) == 20  # a model with T = 20
-    assert latent.parse_args(["--device", "cpu"])[0].eta == 1
-
-
-def test_learning_rate_warms_up_then_is_constant_or_decays_to_zero():
-    assert [latent.learning_rate(s, 1e-3, 100) for s in (1, 50, 100, 5000)] == pytest.approx([1e-5, 5e-4, 1e-3, 1e-3])
-    lrs = [latent.learning_rate(step, 1e-3, 100, 1000) for step in range(1, 1001)]
-    assert lrs[0] == pytest.approx(1e-5)  # step 1 of a 100-step warm-up
-    assert max(lrs) == lrs[99] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 0.099)))
-    assert all(a >= b for a, b in zip(lrs[99:], lrs[100:]))  # falls from the end of warm-up on
-    assert lrs[500] == pytest.approx(0.5e-3)  # half way: half the peak
-    assert 0 < lrs[-1] < 1e-8  # the last step still moves, barely
+    unet, ae = latent.UNet(4, base=8, mult=(1,), num_res_blocks=1), latent.Autoencoder(1, base=8)
+    def sampler(T, steps):
+        betas = latent.make_betas("linear", T)
+        args = latent.argparse.Namespace(seed=0, sample_batch_size=2, sampling_steps=steps, eta=1.0)
+        return latent.generate(unet, ae, 1.0, 2, [4, 7, 7], torch.cumprod(1 - betas, 0).float(), args)[2]
+    assert (sampler(1000, None), sampler(1000, 0), sampler(1000, 50), sampler(20, None)) == (200, 0, 50, 20)
+    args = latent.build_parser().parse_args([])
+    latent.fill_flags(args, torch.device("cpu"))
+    assert args.eta == 1 and args.sampling_steps is None
 
 
 # ---- the command line, end to end ----
 
-@pytest.fixture(scope="module")
-def pixel_ckpt(tiny_mnist, tmp_path_factory):
-    """A tiny ddpm.py checkpoint for --compare-ckpt."""
-    out = tmp_path_factory.mktemp("ddpm")
-    ddpm.main(["--dataset", "mnist", "--data-dir", str(tiny_mnist), "--out-dir", str(out), "--steps", "2",
-               "--sample-every", "0", "--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1",
-               "--timesteps", "20", "--batch-size", "8", "--sample-batch-size", "8", "--num-samples", "8"])
-    return out / "ckpt.pt"
-
-
-def test_command_line_end_to_end(tiny_mnist, tmp_path, pixel_ckpt):
+def test_command_line_end_to_end(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     r = run_cli("--dataset", "mnist", "--data-dir", tiny_mnist, "--out-dir", out, "--ae-steps", 20, "--steps", 20,
-                "--sample-every", 10, "--ckpt-every", 10, "--compare-ckpt", pixel_ckpt, *TINY)
+                "--sample-every", 10, "--ckpt-every", 10, *TINY)
     assert r.returncode == 0, r.stderr
     for name in ("ae.pt", "ckpt.pt", "reconstructions.png", "samples_000010.png", "samples.png", "reverse.gif"):
         assert (out / name).is_file(), name
-    assert "trained stage 1 at step 20" in r.stdout and "trained stage 2 at step 20" in r.stdout
+    assert "trained at step 20: 20 steps" in r.stdout and f"checkpoint {out / 'ae.pt'}" in r.stdout
+    assert f"checkpoint {out / 'ckpt.pt'}" in r.stdout and "stage 1, mnist: 512 images" in r.stdout
     assert "reconstruction MSE" in r.stdout and "PSNR" in r.stdout
-    assert "stage 1 (autoencoder): 20 steps of batch 8" in r.stdout
-    assert "stage 2 (latent diffusion, with encoding the data once): 20 steps of batch 8" in r.stdout
-    assert "pixel-space ddpm.py (read from its checkpoint: 2 steps of batch 8" in r.stdout
     ae, ckpt = (torch.load(out / n, weights_only=True) for n in ("ae.pt", "ckpt.pt"))
     assert ae["script"] == ckpt["script"] == "latent"
     assert ae["stage"] == "autoencoder" and ae["step"] == 20 and ae["downsample_factor"] == 4
@@ -162,7 +143,7 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path, pixel_ckpt):
     r = run_cli("--dataset", "mnist", "--data-dir", tiny_mnist, "--out-dir", tmp_path / "reuse", "--steps", 5,
                 "--sample-every", 0, "--ae-ckpt", out / "ae.pt", *TINY)
     assert r.returncode == 0, r.stderr
-    assert "trained stage 1" not in r.stdout and "stage 1 (autoencoder)" not in r.stdout
+    assert "stage 1," not in r.stdout and "autoencoder: reconstruction" not in r.stdout
     assert not (tmp_path / "reuse" / "ae.pt").exists()
     reused = torch.load(tmp_path / "reuse" / "ckpt.pt", weights_only=True)
     assert all(torch.equal(reused["ae"][k], ae["ema"][k]) for k in ae["ema"])
@@ -187,7 +168,7 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_mnist, tmp_path, 
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130
     k = torch.load(interrupted / name, weights_only=True)["step"]
-    assert f"stopped stage {1 if stage == 'autoencoder' else 2} at step {k}" in stdout and 5 <= k < 150
+    assert f"stopped at step {k}" in stdout and f"checkpoint {interrupted / name}" in stdout and 5 <= k < 150
 
     # Both in processes of one thread, as the interrupted run: bit-equality needs the same summation order.
     r = run_cli(*common, *steps, "--out-dir", interrupted, "--resume")
@@ -228,16 +209,14 @@ def trained(tiny_mnist, tmp_path_factory):
 @pytest.mark.parametrize("argv,message", [
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--dataset", "./no/such/folder"], "no such folder"),
-    (["--image-size", "30"], "must be a positive multiple of 4"),
-    (["--channel-mult", "1,2"], "--image-size 28: the autoencoder divides it by 4 and the U-Net halves it 1 times"),
-    (["--steps", "0"], "--steps must be positive"),
-    (["--ae-steps", "0"], "--ae-steps must be positive"),
-    (["--latent-channels", "0"], "--latent-channels must be positive"),
-    (["--ae-channels", "12"], "--ae-channels must be a multiple of 8"),
-    (["--kl-weight", "-1"], "--kl-weight must not be negative"),
-    (["--fid-samples", "100"], "--fid-samples must be 0 or at least 129"),
-    (["--sampling-steps", "2000"], "--sampling-steps 2000 exceeds --timesteps 1000"),
-    (["--channel-mult", "1,x"], "--channel-mult must be positive integers"),
+    (["--image-size", "30"], "--image-size 30: the autoencoder divides it by 4"),
+    (["--steps", "0"], "--steps: must be positive"),
+    (["--ae-steps", "0"], "--ae-steps: must be positive"),
+    (["--latent-channels", "0"], "--latent-channels: must be positive"),
+    (["--ae-channels", "12"], "--ae-channels: must be a positive multiple of 8"),
+    (["--kl-weight", "-1"], "--kl-weight: must be non-negative"),
+    (["--sampling-steps", "2000"], "--sampling-steps 2000 is more than the model's T = 1000"),
+    (["--channel-mult", "1,x"], "--channel-mult: must be positive integers"),
 ])
 def test_bad_flags(capsys, tmp_path, argv, message):
     expect_usage_error(capsys, argv + ["--out-dir", tmp_path, "--device", "cpu"], message)
@@ -246,11 +225,11 @@ def test_bad_flags(capsys, tmp_path, argv, message):
 def test_autoencoder_checkpoint_that_does_not_match(capsys, tmp_path, trained, tiny_mnist):
     common = ["--data-dir", tiny_mnist, *TINY, "--out-dir", tmp_path / "o"]
     expect_usage_error(capsys, common + ["--ae-ckpt", trained / "ae.pt", "--latent-channels", "8"],
-                       "has f = 4 and C = 4; this run needs f = 4 and C = 8: pass --latent-channels 4")
+                       "was trained with --latent-channels 4, not 8: leave the flag out")
     ae = torch.load(trained / "ae.pt", weights_only=True)
     ae["downsample_factor"] = 8
     torch.save(ae, tmp_path / "f8.pt")
-    expect_usage_error(capsys, common + ["--ae-ckpt", tmp_path / "f8.pt"], "has f = 8 and C = 4")
+    expect_usage_error(capsys, common + ["--ae-ckpt", tmp_path / "f8.pt"], "has f = 8, not 4")
     expect_usage_error(capsys, common + ["--ae-ckpt", trained / "ckpt.pt"], "holds the diffusion stage")
     expect_usage_error(capsys, ["--sample-only", "--ckpt", trained / "ae.pt"], "holds the autoencoder stage")
     expect_usage_error(capsys, common + ["--ae-ckpt", tmp_path / "none.pt"], "no checkpoint at")
@@ -265,13 +244,13 @@ def test_autoencoder_weights_that_do_not_fit(capsys, tmp_path, trained, tiny_mni
     ae["model"] = ae["ema"] = old.state_dict()
     torch.save(ae, tmp_path / "old_ae.pt")
     expect_usage_error(capsys, ["--data-dir", tiny_mnist, *TINY, "--out-dir", tmp_path / "o", "--ae-ckpt",
-                                tmp_path / "old_ae.pt"], "old_ae.pt: its autoencoder does not fit this latent.py's")
+                                tmp_path / "old_ae.pt"], "old_ae.pt: its weights do not fit its own config")
     ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
     ckpt["ae"] = old.state_dict()
     (tmp_path / "r").mkdir()
     torch.save(ckpt, tmp_path / "r" / "ckpt.pt")
     expect_usage_error(capsys, ["--data-dir", tiny_mnist, *TINY, "--out-dir", tmp_path / "r", "--resume"],
-                       "ckpt.pt: its autoencoder does not fit this latent.py's")
+                       "ckpt.pt: its weights do not fit its own config")
 
 
 def test_existing_checkpoints_are_never_overwritten(capsys, trained, tiny_mnist, tmp_path):
@@ -294,8 +273,6 @@ def test_checkpoint_of_another_script(capsys, tmp_path, trained):
     del stage2["scale_factor"]
     torch.save(stage2, tmp_path / "no_scale.pt")
     expect_usage_error(capsys, ["--sample-only", "--ckpt", tmp_path / "no_scale.pt"], "lacks scale_factor")
-    expect_usage_error(capsys, ["--sample-only", "--ckpt", trained / "ckpt.pt", "--compare-ckpt", trained / "ckpt.pt"],
-                       "is not a checkpoint of ddpm.py")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
