@@ -1,30 +1,20 @@
 """How good are the samples? FID, KID and precision/recall in a small classifier's feature space.
 
-    python evaluate.py runs/ddpm/samples.npz --dataset mnist          # seconds once the cache is warm
-    python evaluate.py samples.npz --dataset mnist --json             # one JSON object, for scripts
+    python evaluate.py runs/ddpm/samples.npz --dataset mnist   # seconds once the cache is warm
+    python evaluate.py samples.npz --dataset mnist --json            # one JSON object, for scripts
 
 SAMPLES.npz holds `arr_0`, uint8 images NHWC or NHW (as `np.savez(path, images, labels)` writes),
-and optionally `arr_1`, one integer class label per image. Inception weights are a poor feature space
-for 28x28 digits (and need a network), so the features are the 128-d penultimate layer of a small CNN
-that trains itself on the training split the first time (seeded) and is cached under --cache-dir.
+and optionally `arr_1`, one integer class label per image. Inception weights are a poor feature
+space for 28x28 digits (and need a network), so the features are the 128-d penultimate layer of a
+small CNN that trains itself on the training split the first time (seeded) and is cached under
+--cache-dir.
 Every figure is measured against the test split, next to the "floor": the same metric for 10,000
 real training images, i.e. the best a perfect generator can hope for at that sample count.
 """
-import argparse
-import contextlib
-import hashlib
-import io
-import json
-import math
-import os
-import sys
-import time
+import argparse, contextlib, hashlib, io, json, math, os, sys, time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from tqdm import tqdm
 
 # %% Config
@@ -44,14 +34,11 @@ DATASETS = {
 }
 NUM_CLASSES = 10
 
-
 class InputError(ValueError):
     """A mistake in the user's input: main() turns it into one line and exit code 2."""
 
-
 def log(*args):
     print(*args, file=sys.stderr, flush=True)  # stdout is for the results (and --json) only
-
 
 # %% Metrics
 def fid(feats_a, feats_b):
@@ -64,22 +51,20 @@ def fid(feats_a, feats_b):
     # numpy, not torch: torch's float64 eigh was ten times slower here on the CPU
     a, b = np.asarray(feats_a, dtype=np.float64), np.asarray(feats_b, dtype=np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)  # unbiased (N-1), as pytorch-fid
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)  # unbiased, as pytorch-fid
     w, v = np.linalg.eigh(cov_a)
     sqrt_a = (v * np.sqrt(w.clip(min=0))) @ v.T  # clip: round-off makes zero eigenvalues -1e-17
     tr_sqrt = np.sqrt(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clip(min=0)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_sqrt)
-
 
 def mmd2_unbiased(x, y):
     """Unbiased MMD^2 (Gretton et al. 2012, Lemma 6) with KID's cubic polynomial kernel
     k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018, https://arxiv.org/abs/1801.01401)."""
     d, m, n = x.shape[1], len(x), len(y)
     k_xx, k_yy, k_xy = [(p @ q.T / d + 1) ** 3 for p, q in ((x, x), (y, y), (x, y))]
-    # i != j in the within-set sums: the diagonal k(x_i, x_i) is what makes the naive estimate biased
-    return float((k_xx.sum() - k_xx.trace()) / (m * (m - 1)) + (k_yy.sum() - k_yy.trace()) / (n * (n - 1))
-                 - 2 * k_xy.mean())
-
+    # i != j in the within-set sums: the diagonal k(x_i, x_i) makes the naive estimate biased
+    return float((k_xx.sum() - k_xx.trace()) / (m * (m - 1))
+                 + (k_yy.sum() - k_yy.trace()) / (n * (n - 1)) - 2 * k_xy.mean())
 
 def kid(feats_a, feats_b, num_blocks=10, seed=0):
     """Kernel Inception Distance (Binkowski et al. 2018) and its standard error.
@@ -90,21 +75,19 @@ def kid(feats_a, feats_b, num_blocks=10, seed=0):
     distributed: kid is their mean (itself unbiased) and kid_std = std / sqrt(num_blocks) is the
     standard error of that mean: a kid within two or three kid_std of 0 is indistinguishable from 0.
     """
-    a, b = torch.as_tensor(feats_a, dtype=torch.float64), torch.as_tensor(feats_b, dtype=torch.float64)
+    a, b = (torch.as_tensor(f, dtype=torch.float64) for f in (feats_a, feats_b))
     g = torch.Generator().manual_seed(seed)
     blocks_a = a[torch.randperm(len(a), generator=g)].tensor_split(num_blocks)
     blocks_b = b[torch.randperm(len(b), generator=g)].tensor_split(num_blocks)
-    est = torch.tensor([mmd2_unbiased(x, y) for x, y in zip(blocks_a, blocks_b)], dtype=torch.float64)
+    est = torch.tensor([mmd2_unbiased(x, y) for x, y in zip(blocks_a, blocks_b)]).double()
     return float(est.mean()), float(est.std() / math.sqrt(num_blocks))
-
 
 def kth_neighbour_radii(feats, k=3, chunk=2**24):
     """Distance from each point to its k-th nearest neighbour in the same set, itself excluded."""
-    rows = max(1, chunk // len(feats))  # a rows x N block of distances at a time: 50k x 50k never exists
+    rows = max(1, chunk // len(feats))  # a rows x N block of distances at a time, never 50k x 50k
     # the point itself is at distance 0, so sorted position k is the k-th *other* neighbour
     return torch.cat([torch.cdist(feats[i:i + rows], feats).kthvalue(k + 1, dim=1).values
                       for i in range(0, len(feats), rows)])
-
 
 def precision_recall(real_feats, fake_feats, k=3, chunk=2**24):
     """Improved precision and recall (Kynkaanniemi et al. 2019, https://arxiv.org/abs/1904.06991,
@@ -115,7 +98,7 @@ def precision_recall(real_feats, fake_feats, k=3, chunk=2**24):
     """
     real = torch.as_tensor(real_feats, dtype=torch.float32)
     fake = torch.as_tensor(fake_feats, dtype=torch.float32)
-    radii_real, radii_fake = kth_neighbour_radii(real, k, chunk), kth_neighbour_radii(fake, k, chunk)
+    radii_real, radii_fake = (kth_neighbour_radii(f, k, chunk) for f in (real, fake))
     fake_in_real = torch.zeros(len(fake), dtype=torch.bool)
     real_in_fake = torch.zeros(len(real), dtype=torch.bool)
     rows = max(1, chunk // len(real))
@@ -124,7 +107,6 @@ def precision_recall(real_feats, fake_feats, k=3, chunk=2**24):
         fake_in_real[i:i + rows] = (dist <= radii_real).any(dim=1)  # Eq. 1: inside some real ball
         real_in_fake |= (dist <= radii_fake[i:i + rows, None]).any(dim=0)
     return float(fake_in_real.double().mean()), float(real_in_fake.double().mean())
-
 
 def all_metrics(real_feats, fake_feats, seed=0):
     """FID, KID and precision/recall of fake_feats against real_feats, as one dict."""
@@ -139,7 +121,6 @@ def all_metrics(real_feats, fake_feats, seed=0):
     return {"fid": fid(real_feats, fake_feats), "kid": kid_value, "kid_std": kid_std,
             "precision": precision, "recall": recall}
 
-
 # %% Model
 class Classifier(nn.Module):
     """conv32-pool-conv64-pool-fc128 (`body`: the features), then fc10 (`head`: the logits)."""
@@ -151,18 +132,16 @@ class Classifier(nn.Module):
         self.body = nn.Sequential(
             nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * (size // 4) ** 2, feature_dim), nn.BatchNorm1d(feature_dim),
-            nn.ReLU())
+            nn.Flatten(), nn.Linear(64 * (size // 4) ** 2, feature_dim),
+            nn.BatchNorm1d(feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, num_classes)
 
     def forward(self, x):
         return self.head(self.body(x))
 
-
 def to_input(images):
     """uint8 NHWC in [0, 255] -> float NCHW in [-1, 1], the scaling of the diffusion scripts."""
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1
-
 
 @torch.no_grad()
 def extract_features(model, images, device, batch_size=BATCH_SIZE):
@@ -173,12 +152,10 @@ def extract_features(model, images, device, batch_size=BATCH_SIZE):
     return torch.cat([model.body(to_input(images[i:i + batch_size].to(device))).float().cpu()
                       for i in range(0, len(images), batch_size)])
 
-
 @torch.no_grad()
 def predict(model, feats, device):
     """Class predicted by the classifier's head for each feature vector."""
     return model.head(feats.to(device)).argmax(1).cpu()
-
 
 # %% Data
 def load_dataset(name, data_dir):
@@ -193,16 +170,16 @@ def load_dataset(name, data_dir):
             ds = cls(data_dir, train=train, download=False)
         except RuntimeError:  # torchvision's "Dataset not found": try the network once, quietly
             try:
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                with contextlib.redirect_stdout(io.StringIO()), \
+                        contextlib.redirect_stderr(io.StringIO()):
                     ds = cls(data_dir, train=train, download=True)
             except Exception:
                 where = DATASETS[name][3].replace("DATA_DIR", str(data_dir))
                 raise InputError(f"{name} is not under {data_dir} and could not be downloaded: "
-                                 f"unpack its files into {where} or run once with a network") from None
+                                 f"unpack its files into {where} or run once with a network")
         x = torch.as_tensor(np.asarray(ds.data))
-        splits += [x if x.ndim == 4 else x[..., None], torch.as_tensor(ds.targets, dtype=torch.int64)]
+        splits += [x if x.ndim == 4 else x[..., None], torch.as_tensor(ds.targets).long()]
     return tuple(splits)
-
 
 def fingerprint(*tensors):
     """SHA-256 of the raw bytes: a cache trained on other data (or a new download) is noticed."""
@@ -210,7 +187,6 @@ def fingerprint(*tensors):
     for t in tensors:
         h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
-
 
 # %% Training
 def train_classifier(images, labels, epochs, device, seed=0, batch_size=128, lr=1e-3):
@@ -236,8 +212,8 @@ def train_classifier(images, labels, epochs, device, seed=0, batch_size=128, lr=
     bar.close()
     return model.eval()
 
-
-def get_classifier(dataset="mnist", data_dir="data", cache_dir="runs/evaluate", device="cpu", seed=0):
+def get_classifier(dataset="mnist", data_dir="data", cache_dir="runs/evaluate", device="cpu",
+                   seed=0):
     """Load the cached classifier for this dataset, or train one and cache it.
 
     Returns a dict: model (eval mode), test_accuracy, ref_feats (features of the test split, the
@@ -251,7 +227,8 @@ def get_classifier(dataset="mnist", data_dir="data", cache_dir="runs/evaluate", 
     if path.exists():
         try:
             cache = torch.load(path, map_location="cpu", weights_only=True)
-            stale = [f"{k} {cache.get(k)!r} != {v!r}" for k, v in expected.items() if cache.get(k) != v]
+            stale = [f"{k} {cache.get(k)!r} != {v!r}" for k, v in expected.items()
+                     if cache.get(k) != v]
         except Exception as e:  # a truncated or foreign file: retrain rather than fail
             cache, stale = None, [f"unreadable ({type(e).__name__})"]
         if not stale:
@@ -283,7 +260,6 @@ def get_classifier(dataset="mnist", data_dir="data", cache_dir="runs/evaluate", 
     return {"model": model, "test_accuracy": test_accuracy, "ref_feats": ref_feats, "floor": floor,
             "trained": True}
 
-
 # %% Evaluation
 def check_samples(images, labels, dataset):
     """Validate user samples: uint8 NHWC (or NHW) of the dataset's shape, enough of them, labels
@@ -300,7 +276,7 @@ def check_samples(images, labels, dataset):
                          + (" or (N, H, W)" if shape[2] == 1 else ""))
     if len(images) < MIN_SAMPLES:
         raise InputError(f"arr_0 has {len(images)} images; the metrics need at least {MIN_SAMPLES} "
-                         f"(more than the {FEATURE_DIM} feature dimensions), 10,000 is the usual count")
+                         f"(more than the {FEATURE_DIM} feature dimensions); 10,000 is usual")
     if labels is not None:
         labels = np.asarray(labels)
         if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
@@ -314,7 +290,6 @@ def check_samples(images, labels, dataset):
         labels = labels.astype(np.int64)
     return images, labels
 
-
 def load_samples(path):
     """(arr_0, arr_1 or None) from an .npz file; raises InputError for anything unreadable."""
     if not Path(path).is_file():
@@ -324,7 +299,7 @@ def load_samples(path):
     except Exception as e:  # not a zip, truncated, ...
         raise InputError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise InputError(f"{path} holds a single .npy array, not an .npz archive; save with np.savez")
+        raise InputError(f"{path} holds one .npy array, not an .npz archive: save with np.savez")
     with npz:
         if "arr_0" not in npz.files:
             raise InputError(f"{path} has no arr_0 (it holds {', '.join(npz.files) or 'nothing'}); "
@@ -332,11 +307,10 @@ def load_samples(path):
         try:
             return npz["arr_0"], npz["arr_1"] if "arr_1" in npz.files else None
         except Exception as e:  # object arrays, corrupt members
-            raise InputError(f"cannot read the arrays of {path} ({type(e).__name__}: {e})") from None
+            raise InputError(f"cannot read the arrays of {path} ({type(e).__name__}: {e})")
 
-
-def evaluate_images(images, labels=None, dataset="mnist", data_dir="data", cache_dir="runs/evaluate",
-                    device=None, seed=0):
+def evaluate_images(images, labels=None, dataset="mnist", data_dir="data",
+                    cache_dir="runs/evaluate", device=None, seed=0):
     """All metrics for uint8 images (N, H, W, C) or (N, H, W), optionally with class labels.
 
     Returns a dict: fid, kid, kid_std, precision, recall (samples vs the test split), the same with
@@ -360,31 +334,26 @@ def evaluate_images(images, labels=None, dataset="mnist", data_dir="data", cache
                                     for c in range(NUM_CLASSES)]
     return result
 
-
 # %% Main
 def pick_device(name):
     """'auto' means cuda, then mps, then cpu; a forced device must exist."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
     if name == "auto":
         return next(d for d, ok in available.items() if ok)
     if not available[name]:
         raise InputError(f"--device {name}: no {name} device is available here")
     return name
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line that says what to fix, not the whole usage block.
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser():
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("evaluate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, not the usage
     p.add_argument("samples", metavar="SAMPLES.npz", help="arr_0: uint8 images NHWC or NHW; "
                    "optional arr_1: integer class labels, one per image")
-    p.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset the samples imitate")
-    p.add_argument("--data-dir", default="data", help="where torchvision finds (or downloads) the dataset")
-    p.add_argument("--cache-dir", default="runs/evaluate", help="where the trained classifier is cached")
+    p.add_argument("--dataset", required=True, choices=list(DATASETS), help="what they imitate")
+    p.add_argument("--data-dir", default="data", help="where torchvision finds (or downloads) it")
+    p.add_argument("--cache-dir", default="runs/evaluate", help="where the classifier is cached")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="auto: cuda, then mps, then cpu")
     p.add_argument("--seed", type=int, default=0,
@@ -393,7 +362,6 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -401,7 +369,8 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         images, labels = check_samples(*load_samples(args.samples), args.dataset)  # before training
-        r = evaluate_images(images, labels, args.dataset, args.data_dir, args.cache_dir, device, args.seed)
+        r = evaluate_images(images, labels, args.dataset, args.data_dir, args.cache_dir, device,
+                            args.seed)
     except InputError as e:
         parser.error(str(e))
     log(f"evaluated in {time.time() - start:.1f} s")
@@ -411,7 +380,8 @@ def main(argv=None):
     print(f"{args.samples}: {r['num_samples']} samples vs the {args.dataset} test split "
           f"(classifier test accuracy {r['classifier_accuracy']:.4f})")
     print(f"FID        {r['fid']:10.3f}   floor {r['floor_fid']:.3f} "
-          f"({r['floor_num_samples']} real training images), FID/floor {r['fid'] / r['floor_fid']:.1f}")
+          f"({r['floor_num_samples']} real training images), FID/floor "
+          f"{r['fid'] / r['floor_fid']:.1f}")
     print(f"KID        {r['kid']:10.5f} +- {r['kid_std']:.5f}   floor {r['floor_kid']:.5f} "
           f"+- {r['floor_kid_std']:.5f}")
     print(f"precision  {r['precision']:10.3f}   floor {r['floor_precision']:.3f}")
@@ -419,7 +389,8 @@ def main(argv=None):
     print("predicted  " + " ".join(f"{c}:{n}" for c, n in enumerate(r["class_counts"])))
     if labels is not None:
         print(f"accuracy   {r['accuracy']:10.4f}   (classified as their label; per label: "
-              + " ".join(f"{c}:{a:.2f}" for c, a in enumerate(r["class_accuracy"]) if a is not None) + ")")
+              + " ".join(f"{c}:{a:.2f}" for c, a in enumerate(r["class_accuracy"])
+                         if a is not None) + ")")
     return r
 
 

@@ -1,0 +1,79 @@
+"""Tests of bench.py, the measuring side: each sweep on tiny checkpoints of the scripts it imports,
+and its one-line errors (a checkpoint of data that evaluate.py does not know, too few samples)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bench
+import conditional
+import ddpm
+import latent
+
+TINY = ["--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20",
+        "--batch-size", "8", "--sample-batch-size", "16", "--num-samples", "16", "--steps", "3",
+        "--sample-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_mnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpts")
+    common = ["--data-dir", str(tiny_mnist), *TINY]
+    ddpm.main([*common, "--out-dir", str(out / "ddpm")])
+    conditional.main([*common, "--out-dir", str(out / "conditional"), "--sampling-steps", "2"])
+    latent.main([*common, "--out-dir", str(out / "latent"), "--ae-channels", "8", "--ae-batch-size", "8",
+                 "--ae-steps", "3"])
+    return out
+
+
+def run(capsys, tiny_mnist, tmp_path, *argv):
+    rows = bench.main([*map(str, argv), "--samples", "130", "--batch-size", "130", "--data-dir", str(tiny_mnist),
+                       "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path), "--device", "cpu"])
+    capsys.readouterr()
+    return rows
+
+
+def test_ddim_sweep_scores_and_times_every_setting(ckpts, tiny_mnist, tmp_path, capsys):
+    rows = run(capsys, tiny_mnist, tmp_path, "ddim-sweep", "--ckpt", ckpts / "ddpm" / "ckpt.pt")
+    assert [(r["S"], r["eta"]) for r in rows] == [(10, 0.0), (20, 0.0), (10, 1.0), (20, 1.0)]  # S <= T = 20
+    assert all(r["fid"] > 0 and r["img_s"] > 0 and 0 <= r["precision"] <= 1 for r in rows)
+    saved = json.loads((tmp_path / "ddim-sweep.json").read_text())
+    assert saved["rows"] == rows and saved["samples"] == 130
+    assert (tmp_path / "ddim-sweep.txt").read_text().splitlines()[-1].startswith("130 samples per row, cpu")
+
+
+def test_guidance_sweep_scores_every_w(ckpts, tiny_mnist, tmp_path, capsys):
+    rows = run(capsys, tiny_mnist, tmp_path, "guidance-sweep", "--ckpt", ckpts / "conditional" / "ckpt.pt",
+               "--sampling-steps", "2")
+    assert [r["w"] for r in rows] == list(bench.GUIDANCE) and [r["s"] for r in rows] == [1, 1.5, 2, 3, 5]
+    assert all(0 <= r["accuracy"] <= 1 and r["fid"] > 0 and r["img_s"] > 0 for r in rows)
+
+
+def test_reconstructions_and_the_latent_against_pixel_timing(ckpts, tiny_mnist, tmp_path, capsys):
+    (r,) = run(capsys, tiny_mnist, tmp_path, "reconstructions", "--ckpt", ckpts / "latent" / "ckpt.pt")
+    assert r["images"] == 130 and r["fid"] > 0 and r["fid_over_floor"] == pytest.approx(r["fid"] / r["floor_fid"])
+    rows = run(capsys, tiny_mnist, tmp_path, "latent-vs-pixel", "--ckpt", ckpts / "latent" / "ckpt.pt",
+               "--pixel-ckpt", ckpts / "ddpm" / "ckpt.pt")
+    assert [(r["script"], r["part"]) for r in rows] == [
+        ("latent", "train autoencoder"), ("latent", "train U-Net"), ("latent", "sample, 200 passes"),
+        ("ddpm", "train U-Net"), ("ddpm", "sample, 20 passes")]
+    assert all(r["img_s"] > 0 and r["minutes"] > 0 for r in rows)
+
+
+def test_a_folder_checkpoint_or_too_few_samples_end_in_one_line(ckpts, tiny_mnist, tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(tmp_path / "imgs" / name / f"{i}.png")
+    conditional.main(["--dataset", str(tmp_path / "imgs"), "--image-size", "28", "--out-dir", str(tmp_path / "o"),
+                      *TINY, "--sampling-steps", "2"])
+    capsys.readouterr()
+    for argv, message in ((["guidance-sweep", "--ckpt", tmp_path / "o" / "ckpt.pt"], "evaluate.py scores mnist"),
+                          (["ddim-sweep", "--ckpt", ckpts / "ddpm" / "ckpt.pt", "--samples", "100"],
+                           "--samples 100: evaluate.py needs at least 129")):
+        with pytest.raises(SystemExit) as e:
+            bench.main([*map(str, argv), "--device", "cpu", "--data-dir", str(tiny_mnist)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
