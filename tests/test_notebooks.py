@@ -1,0 +1,41 @@
+"""Each script as a notebook under a real Jupyter kernel, as a reader opens it: jupytext turns its
+# %% cells into a notebook and Run all trains and samples with the defaults (made tiny by one cell
+placed before the last, as a reader would set flags), then a cell main([...]) samples with flags."""
+import jupytext
+import nbclient
+import nbformat
+import pytest
+
+from conftest import ROOT
+
+TINY = {"data_dir": None, "base_channels": (8, 8), "num_res_blocks": (1, 1), "timesteps": 20, "steps": (3, 3),
+        "batch_size": (8, 8), "sample_every": (0, 0), "sample_batch_size": (16, 16), "num_samples": 16,
+        "device": "cpu"}
+MORE = {"ddim.py": {"sampling_steps": 5}, "conditional.py": {"sampling_steps": 2},
+        "latent.py": {"ae_steps": (3, 3), "ae_channels": (8, 8), "ae_batch_size": (8, 8)}}
+OUTPUTS = {"ddpm.py": ["ckpt.pt", "samples.png", "reverse.gif", "forward.png"],
+           "ddim.py": ["ckpt.pt", "samples.png", "interpolation.png", "inversion.png"],
+           "conditional.py": ["ckpt.pt", "samples.png", "guidance.png", "mixing.png"],
+           "latent.py": ["ae.pt", "ckpt.pt", "samples.png", "reconstructions.png"]}
+
+
+@pytest.mark.parametrize("script", sorted(OUTPUTS))
+def test_script_runs_as_a_notebook(script, tiny_mnist, tmp_path):
+    nb = jupytext.read(ROOT / script)
+    assert nb.cells[-1].source.endswith('if __name__ == "__main__":\n    main()')
+    tiny = {**TINY, "data_dir": str(tiny_mnist), **MORE.get(script, {})}
+    nb.cells.insert(-1, nbformat.v4.new_code_cell(
+        f"for name, value in {tiny!r}.items():\n    FLAGS[name] = (value, *FLAGS[name][1:])"))
+    nb.cells.append(nbformat.v4.new_code_cell(
+        'import sys\nassert sys.argv[1:2] == ["-f"]  # the kernel\'s own argv, which main() must not read\n'
+        f'ema = main(["--sample-only", "--ckpt", "runs/{script[:-3]}/ckpt.pt", "--num-samples", "4", '
+        '"--out-dir", "again"])\nprint(type(ema).__name__)'))
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+    out = tmp_path / "runs" / script[:-3]
+    for name in OUTPUTS[script]:
+        assert (out / name).is_file(), name
+    assert (tmp_path / "again" / "samples.png").is_file()
+    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    assert "UNet" in printed
