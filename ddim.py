@@ -92,8 +92,7 @@ class UNet(nn.Module):
             if level > 0:  # forward() doubles H and W first, to the size of the skip
                 self.up.append(nn.Conv2d(ch, ch, 3, padding=1))
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, 1, 1))
-        nn.init.zeros_(self.head[-1].weight)  # start at eps_theta = 0, as DDPM's code does
-        nn.init.zeros_(self.head[-1].bias)
+        for p in self.head[-1].parameters(): nn.init.zeros_(p)  # eps_theta = 0, as in DDPM's code
     def forward(self, x, t):
         t_emb = F.silu(self.time_mlp(timestep_embedding(t, self.base)))
         run = lambda layer, h: layer(h, t_emb) if isinstance(layer, ResBlock) else layer(h)
@@ -311,8 +310,7 @@ def write_samples(model, n, shape, alpha_bar, args, data=None, name="samples"):
     images, frames = generate(model, n, shape, alpha_bar, taus, args.eta, args.seed,
                               args.sample_batch_size, n_frames=40)
     grid(images).save(Path(args.out_dir, f"{name}.png"))
-    if name != "samples":
-        return
+    if name != "samples": return
     gif = [grid(to_uint8(f)) for f in frames]
     gif[0].save(Path(args.out_dir, "reverse.gif"), save_all=True, append_images=gif[1:],
                 duration=[80] * len(gif[1:]) + [2000])
@@ -344,7 +342,7 @@ def save_interpolation(model, shape, alpha_bar, timesteps, seed, out_dir, rows=4
 def save_checkpoint(path, state):  # a temporary file, renamed: no write leaves a broken file
     torch.save(state, tmp := path.with_name(f"{path.name}.{os.getpid()}.tmp"))
     os.replace(tmp, path)
-def load_checkpoint(path, scripts=(SCRIPT,), keys=("step", "image_shape", "model", "ema", "opt")):
+def load_checkpoint(path, scripts=(SCRIPT,), keys=("step", "image_shape", "ema"), resume=False):
     """A checkpoint dict, read without executing code from the file (weights_only=True)."""
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train one, or pass --ckpt PATH")
@@ -355,7 +353,9 @@ def load_checkpoint(path, scripts=(SCRIPT,), keys=("step", "image_shape", "model
     if (found := ckpt.get("script") if isinstance(ckpt, dict) else None) not in scripts:
         raise ValueError(f"{path} is not a checkpoint of {' or '.join(s + '.py' for s in scripts)} "
                          f"(it says {found!r})")
-    if missing := {"config", *keys} - ckpt.keys():
+    if resume and "opt" not in ckpt:  # checkpoints/ holds such ones: the EMA weights and config
+        raise ValueError(f"{path} holds no optimizer state (a slim checkpoint, for sampling only)")
+    if missing := {"config", *keys, *("model", "opt") * resume} - ckpt.keys():
         raise ValueError(f"{path} lacks {', '.join(sorted(missing))}: it is damaged")
     return ckpt
 def claim_outputs(out_dir, *files):
@@ -461,8 +461,9 @@ def main(argv=None):  # train, then sample (with --sample-only, only sample); re
         ckpt_path = Path(args.ckpt or Path(args.out_dir or FLAGS["out_dir"][0], "ckpt.pt"))
         # Sampling takes ddpm.py's checkpoints too (the same training); resuming one would take it.
         scripts = (SCRIPT, "ddpm") if args.sample_only else (SCRIPT,)
-        ckpt = load_checkpoint(ckpt_path, scripts) if args.sample_only or args.resume else None
-        if ckpt is None and ckpt_path.exists():
+        ckpt = (args.sample_only or args.resume) and load_checkpoint(ckpt_path, scripts,
+                                                                     resume=args.resume)
+        if not ckpt and ckpt_path.exists():
             raise ValueError(f"{ckpt_path} exists: pass --resume to go on, or a new --out-dir")
         fill_flags(args, device, ckpt and ckpt["config"], ckpt_path)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

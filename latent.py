@@ -95,8 +95,7 @@ class UNet(nn.Module):
             if level > 0:  # forward() doubles H and W first, to the size of the skip
                 self.up.append(nn.Conv2d(ch, ch, 3, padding=1))
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, 1, 1))
-        nn.init.zeros_(self.head[-1].weight)  # start at eps_theta = 0, as DDPM's code does
-        nn.init.zeros_(self.head[-1].bias)
+        for p in self.head[-1].parameters(): nn.init.zeros_(p)  # eps_theta = 0, as in DDPM's code
     def forward(self, x, t):
         t_emb = F.silu(self.time_mlp(timestep_embedding(t, self.base)))
         run = lambda layer, h: layer(h, t_emb) if isinstance(layer, ResBlock) else layer(h)
@@ -379,8 +378,7 @@ def write_samples(model, ae, scale, n, latent_shape, alpha_bar, args, name="samp
     t0 = time.time()
     images, frames, S = generate(model, ae, scale, n, latent_shape, alpha_bar, args, 40)
     grid(images).save(Path(args.out_dir, f"{name}.png"))
-    if name != "samples":
-        return
+    if name != "samples": return
     gif = [grid(to_uint8(f)) for f in frames]
     gif[0].save(Path(args.out_dir, "reverse.gif"), save_all=True, append_images=gif[1:],
                 duration=[80] * len(gif[1:]) + [2000])
@@ -408,7 +406,7 @@ def save_reconstructions(ae, data, path, n=1000, seed=0):
 def save_checkpoint(path, state):  # a temporary file, renamed: no write leaves a broken file
     torch.save(state, tmp := path.with_name(f"{path.name}.{os.getpid()}.tmp"))
     os.replace(tmp, path)
-def load_checkpoint(path, scripts=(SCRIPT,), keys=("step", "image_shape", "model", "ema", "opt")):
+def load_checkpoint(path, scripts=(SCRIPT,), keys=("step", "image_shape", "ema"), resume=False):
     """A checkpoint dict, read without executing code from the file (weights_only=True)."""
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train one, or pass --ckpt PATH")
@@ -419,7 +417,9 @@ def load_checkpoint(path, scripts=(SCRIPT,), keys=("step", "image_shape", "model
     if (found := ckpt.get("script") if isinstance(ckpt, dict) else None) not in scripts:
         raise ValueError(f"{path} is not a checkpoint of {' or '.join(s + '.py' for s in scripts)} "
                          f"(it says {found!r})")
-    if missing := {"config", *keys} - ckpt.keys():
+    if resume and "opt" not in ckpt:  # checkpoints/ holds such ones: the EMA weights and config
+        raise ValueError(f"{path} holds no optimizer state (a slim checkpoint, for sampling only)")
+    if missing := {"config", *keys, *("model", "opt") * resume} - ckpt.keys():
         raise ValueError(f"{path} lacks {', '.join(sorted(missing))}: it is damaged")
     return ckpt
 def claim_outputs(out_dir, *files):
@@ -526,12 +526,12 @@ def setup_device(name):  # cuda, then mps, then cpu, unless named; under torchru
         torch.cuda.set_device(device) if name == "cuda" else None
         dist.init_process_group("nccl" if name == "cuda" else "gloo")
     return device
-def load_stage(path, stage):  # load_checkpoint of one stage: the autoencoder's (ae.pt) or not
-    ckpt = load_checkpoint(path, keys=())
+def load_stage(path, stage, resume):  # load_checkpoint of one stage: the autoencoder's (ae.pt)
+    ckpt = load_checkpoint(path, keys=(), resume=resume)
     if ckpt.get("stage") != stage:
         flag = "--ae-ckpt OUT_DIR/ae.pt" if stage == "autoencoder" else "--ckpt OUT_DIR/ckpt.pt"
         raise ValueError(f"{path} holds the {ckpt.get('stage')} stage, not the {stage}: use {flag}")
-    keys = ("step", "image_shape", "model", "ema", "opt", "downsample_factor")
+    keys = ("step", "image_shape", "ema", "downsample_factor")
     if missing := {*keys, *STAGE2_KEYS * (stage == "diffusion")} - ckpt.keys():
         raise ValueError(f"{path} lacks {', '.join(sorted(missing))}: it is damaged")
     if ckpt["downsample_factor"] != DOWNSAMPLE:
@@ -547,9 +547,9 @@ def main(argv=None):  # both stages, then sample (with --sample-only, only sampl
         ae_path = Path(args.ae_ckpt or out_dir / "ae.pt")  # stage 1's checkpoint, or a reused one
         # --resume goes on with stage 2 if its checkpoint exists (it holds the autoencoder), else 1.
         stage2 = args.sample_only or args.resume and (ckpt_path.exists() or not ae_path.exists())
-        ckpt = stage2 and load_stage(ckpt_path, "diffusion")
+        ckpt = stage2 and load_stage(ckpt_path, "diffusion", args.resume)
         resumed_ae = not stage2 and (args.resume or args.ae_ckpt)  # stage 1 resumed, or reused
-        ae_ckpt = resumed_ae and load_stage(ae_path, "autoencoder")
+        ae_ckpt = resumed_ae and load_stage(ae_path, "autoencoder", True)
         source, path = (ckpt, ckpt_path) if ckpt else (ae_ckpt, ae_path)  # the run goes on from it
         if not (args.resume or args.sample_only):  # a new run, which must not overwrite another
             for new in [ckpt_path] + [ae_path] * (not args.ae_ckpt):
