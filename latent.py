@@ -501,8 +501,8 @@ def build_parser():  # a flag left out stays None until fill_flags gives it its 
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage
     for name, (default, kind, help) in FLAGS.items():
         shown = f"{default[0]} on CUDA, {default[1]} else" if type(default) is tuple else default
-        how = ({"action": "store_true"} if default is False else {"choices": kind}
-               if type(kind) is tuple else {"type": kind})
+        how = ({"action": "store_true" if default is False else argparse.BooleanOptionalAction}
+               if kind is None else {"choices": kind} if type(kind) is tuple else {"type": kind})
         p.add_argument("--" + name.replace("_", "-"), help=f"{help} (default: {shown})", **how)
     return p
 def fill_flags(args, device, saved=None, path=None, run_flags=RUN_FLAGS):
