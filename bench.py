@@ -50,7 +50,7 @@ def ddim_sweep(args, device):
     model.to(device).load_state_dict(ckpt["ema"])
     rows = []
     for eta in DDIM_ETAS:
-        for S in [S for S in DDIM_STEPS if S <= len(alpha_bar)]:
+        for S in [S for S in args.ddim_steps if S <= len(alpha_bar)]:
             taus = ddim.sampling_timesteps(len(alpha_bar), S, args.spacing)
             sample = lambda: ddim.generate(model, args.samples, shape, alpha_bar, taus, eta,
                                            args.seed, args.batch_size)
@@ -161,6 +161,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1000, help="images per setting (FID: >= 129)")
     p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch")
     p.add_argument("--sampling-steps", type=int, help="guidance-sweep: DDIM steps (default: DDPM)")
+    p.add_argument("--ddim-steps", type=lambda v: [int(S) for S in v.split(",")],
+                   default=DDIM_STEPS, help="ddim-sweep: the S, like 10,20 (default: 10,...,1000)")
     p.add_argument("--spacing", choices=("uniform", "quadratic"), default="uniform",
                    help="ddim-sweep: the spacing of its steps")
     p.add_argument("--seed", type=int, default=0, help="seeds samples, classifier, floor")

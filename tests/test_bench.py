@@ -42,6 +42,8 @@ def test_ddim_sweep_scores_and_times_every_setting(ckpts, tiny_mnist, tmp_path, 
     saved = json.loads((tmp_path / "ddim-sweep.json").read_text())
     assert saved["rows"] == rows and saved["samples"] == 130
     assert (tmp_path / "ddim-sweep.txt").read_text().splitlines()[-1].startswith("130 samples per row, cpu")
+    rows = run(capsys, tiny_mnist, tmp_path, "ddim-sweep", "--ckpt", ckpts / "ddpm" / "ckpt.pt", "--ddim-steps", "5")
+    assert [(r["S"], r["eta"]) for r in rows] == [(5, 0.0), (5, 1.0)]  # only the S asked for
 
 
 def test_guidance_sweep_scores_every_w(ckpts, tiny_mnist, tmp_path, capsys):
