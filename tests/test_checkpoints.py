@@ -3,6 +3,7 @@ samples from one with no dataset, --resume from one says why it cannot, and the 
 written by the committed code with its CPU defaults."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -63,3 +64,42 @@ def test_resume_from_a_slim_checkpoint_says_it_holds_no_optimizer_state(slim_ckp
     assert e.value.code == 2 and "\n" not in err, err
     assert f"{path} holds no optimizer state (a slim checkpoint, for sampling only)" in err
     assert path.read_bytes() == before
+
+
+# ---- the checkpoints shipped in checkpoints/ ----
+
+SHIPPED = {"ddpm_mnist.pt": ddpm}
+TRAINING = ("steps", "lr", "batch_size", "warmup", "lr_decay", "grad_clip", "ema_decay", "seed")
+
+
+def cpu_default(module, name):
+    default = module.FLAGS[name][0]
+    return default[1] if type(default) is tuple else default
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_a_shipped_checkpoint_is_slim_and_was_written_by_this_code_with_its_cpu_defaults(name):
+    module, path = SHIPPED[name], ROOT / "checkpoints" / name
+    assert path.stat().st_size <= 3e6
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["script"] == module.SCRIPT and not {"model", "opt"} & ckpt.keys()
+    config = ckpt["config"]
+    assert set(config) == set(module.FLAGS), set(config) ^ set(module.FLAGS)
+    for flag in (*module.RUN_FLAGS, *TRAINING):  # the model, the schedule and the recipe
+        expected = 28 if flag == "image_size" else cpu_default(module, flag)
+        assert config[flag] == expected, (flag, config[flag], expected)
+    assert ckpt["step"] == config["steps"]  # trained to the end
+    model = module.build_model(config, ckpt["image_shape"][0])
+    model.load_state_dict(ckpt["ema"])  # the weights fit the configuration
+
+
+@pytest.mark.parametrize("script,argv", [(ddpm, []), (ddim, ["--sampling-steps", "20", "--eta", "1"])])
+def test_the_shipped_ddpm_checkpoint_samples_digits(script, argv, tmp_path):
+    out = tmp_path / "out"
+    script.main(["--sample-only", "--ckpt", str(ROOT / "checkpoints" / "ddpm_mnist.pt"), "--out-dir", str(out),
+                 "--num-samples", "8", "--device", "cpu", "--data-dir", str(tmp_path / "none"),
+                 "--npz", str(tmp_path / "s.npz"), *argv])
+    images = np.load(tmp_path / "s.npz")["arr_0"]
+    # MNIST is dark background with bright strokes (mean level 33 of 255, 13% of pixels over 127);
+    # an untrained network gives grey noise around 128.
+    assert images.shape == (8, 28, 28, 1) and images.mean() < 70 and 0.05 < (images > 127).mean() < 0.35
