@@ -37,20 +37,15 @@ def slim_ckpt(request, tiny_mnist, tmp_path_factory):
 
 
 def test_a_slim_checkpoint_samples_with_no_dataset(slim_ckpt, tmp_path):
+    """Each script samples its own slim checkpoint; ddim.py also samples ddpm.py's."""
     name, path = slim_ckpt
     assert not {"model", "opt"} & torch.load(path, weights_only=True).keys()
-    MODULES[name].main(["--sample-only", "--ckpt", str(path), "--out-dir", str(tmp_path), "--device", "cpu",
-                        "--data-dir", str(tmp_path / "no-data"), "--num-samples", "4"])
-    assert Image.open(tmp_path / "samples.png").size[0] > 28
-
-
-def test_ddim_samples_a_slim_ddpm_checkpoint(slim_ckpt, tmp_path):
-    name, path = slim_ckpt
-    if name != "ddpm":
-        return
-    ddim.main(["--sample-only", "--ckpt", str(path), "--out-dir", str(tmp_path), "--device", "cpu",
-               "--data-dir", str(tmp_path / "no-data"), "--num-samples", "4", "--sampling-steps", "5"])
-    assert (tmp_path / "samples.png").is_file()
+    samplers = [(MODULES[name], [])] + [(ddim, ["--sampling-steps", "5"])] * (name == "ddpm")
+    for i, (module, argv) in enumerate(samplers):
+        out = tmp_path / str(i)
+        module.main(["--sample-only", "--ckpt", str(path), "--out-dir", str(out), "--device", "cpu",
+                     "--data-dir", str(tmp_path / "no-data"), "--num-samples", "4", *argv])
+        assert Image.open(out / "samples.png").size[0] > 28
 
 
 def test_resume_from_a_slim_checkpoint_says_it_holds_no_optimizer_state(slim_ckpt, tiny_mnist, tmp_path,
