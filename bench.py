@@ -4,6 +4,8 @@ OUT_DIR/NAME.json.
 
     python bench.py ddim-sweep --ckpt runs/ddpm/ckpt.pt           # S x eta, DDIM's Table 1 on MNIST
     python bench.py guidance-sweep --ckpt runs/conditional/ckpt.pt --sampling-steps 50   # w
+    python bench.py guidance-sweep --ckpt runs/conditional/ckpt.pt --sampling-steps 50 \
+        --classifier runs/conditional/classifier.pt      # and classifier guidance beside it
     python bench.py reconstructions --ckpt runs/latent/ckpt.pt    # FID of latent.py's autoencoder
     python bench.py latent-vs-pixel --ckpt runs/latent/ckpt.pt --pixel-ckpt runs/ddpm/ckpt.pt
 """
@@ -16,6 +18,7 @@ import conditional, ddim, ddpm, evaluate, latent
 
 DDIM_STEPS, DDIM_ETAS = (10, 20, 50, 100, 1000), (0.0, 1.0)  # DDIM Table 1's S and eta
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)  # the w of the guidance table (Ho & Salimans Table 1)
+CLASSIFIER_SCALES = (1.0, 2.0, 4.0, 8.0)  # the s of classifier guidance (Dhariwal & Nichol Fig. 3)
 
 def load(script, path, device, scripts=None):
     """A checkpoint, its config (with the flags it fixes) and its alpha_bar, on device."""
@@ -63,18 +66,23 @@ def ddim_sweep(args, device):
 def guidance_sweep(args, device):
     """For each w: sample --samples images cycling through the classes with conditional.py, from
     the same noise and labels, time them and score them with their labels (Ho & Salimans
-    Table 1)."""
+    Table 1); with --classifier, then for each s of --scales the same with classifier guidance.
+    Both rows' s is the power of p(y | x_t) that the guided noise samples (s = 1 + w for CFG)."""
     ckpt, config, alpha_bar = load(conditional, args.ckpt, device)
     model = conditional.build_model(config, ckpt["image_shape"][0], len(ckpt["classes"]))
     model.to(device).load_state_dict(ckpt["ema"])
     labels, rows = conditional.cycle_labels(args.samples, len(ckpt["classes"])), []
-    for w in GUIDANCE:
+    classifier = args.classifier and conditional.load_classifier(
+        Path(args.classifier), ckpt["image_shape"], ckpt["classes"], config, device)
+    runs = [("free", w, 1 + w) for w in args.ws]
+    runs += [("classifier", None, s) for s in args.scales] if classifier else []
+    for mode, w, s in runs:
         (images, _), secs = timed(lambda: conditional.generate(
-            model, labels, w, ckpt["image_shape"], alpha_bar, args.seed, args.batch_size,
-            args.sampling_steps), device)
+            model, labels, s if w is None else w, ckpt["image_shape"], alpha_bar, args.seed,
+            args.batch_size, args.sampling_steps, classifier=w is None and classifier), device)
         r = score(images, config, args, labels.numpy())
-        rows.append({"w": w, "s": 1 + w, **metrics(r), "accuracy": r["accuracy"], "seconds": secs,
-                     "img_s": args.samples / secs})
+        rows.append({"guidance": mode, "w": w, "s": s, **metrics(r), "accuracy": r["accuracy"],
+                     "seconds": secs, "img_s": args.samples / secs})
         print(row_text(rows[-1]), flush=True)
     return rows
 
@@ -161,6 +169,11 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1000, help="images per setting (FID: >= 129)")
     p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch")
     p.add_argument("--sampling-steps", type=int, help="guidance-sweep: DDIM steps (default: DDPM)")
+    p.add_argument("--ws", type=lambda v: [float(w) for w in v.split(",") if w], default=GUIDANCE,
+                   help="guidance-sweep: CFG's w (default: 0,0.5,1,2,4; '' for none)")
+    p.add_argument("--classifier", help="guidance-sweep: also classifier guidance by this classifier")
+    p.add_argument("--scales", type=lambda v: [float(s) for s in v.split(",")],
+                   default=CLASSIFIER_SCALES, help="guidance-sweep: the classifier's s (1,2,4,8)")
     p.add_argument("--ddim-steps", type=lambda v: [int(S) for S in v.split(",")],
                    default=DDIM_STEPS, help="ddim-sweep: the S, like 10,20 (default: 10,...,1000)")
     p.add_argument("--spacing", choices=("uniform", "quadratic"), default="uniform",

@@ -114,6 +114,22 @@ class UNet(nn.Module):
 def build_model(config, channels, num_classes):
     mult = tuple(int(m) for m in config["channel_mult"].split(","))
     return UNet(channels, config["base_channels"], mult, config["num_res_blocks"], num_classes)
+
+class Classifier(nn.Module):
+    """p_phi(y | x_t, t) (Dhariwal & Nichol 2021, Sec. 4.1): residual blocks told t, pooled."""
+    def __init__(self, channels, num_classes, base=32, mult=(1, 2, 2)):
+        super().__init__()
+        self.base, t_dim, ch = base, 4 * base, [base] + [base * m for m in mult]
+        self.time_mlp = nn.Sequential(nn.Linear(base, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.stem = nn.Conv2d(channels, base, 3, padding=1)
+        self.blocks = nn.ModuleList(ResBlock(a, b, t_dim) for a, b in zip(ch, ch[1:]))
+        self.head = nn.Sequential(nn.GroupNorm(8, ch[-1]), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(ch[-1], num_classes))
+    def forward(self, x, t):  # logits (B, num_classes); H and W halve before every block but one
+        t_emb, h = F.silu(self.time_mlp(timestep_embedding(t, self.base))), self.stem(x)
+        for i, block in enumerate(self.blocks):
+            h = block(F.avg_pool2d(h, 2) if i else h, t_emb)
+        return self.head(h)
 # %% Training: Alg. 1
 def drop_labels(y, p_uncond, null_class, generator):
     """Each label independently replaced by the null class with probability p_uncond (Ho & Salimans
@@ -127,6 +143,21 @@ def loss_fn(model, x0, y, alpha_bar, gen):
     t = torch.randint(len(alpha_bar), (len(x0),), device=x0.device, generator=gen)
     eps = torch.randn(x0.shape, device=x0.device, generator=gen)
     return F.mse_loss(model(q_sample(x0, t, eps, alpha_bar), t, y).float(), eps)
+
+def classifier_loss(classifier, x0, y, alpha_bar, gen):
+    """Cross-entropy on x_t ~ q(x_t | x_0), t ~ Uniform({1..T}): the images guidance shows it."""
+    t = torch.randint(len(alpha_bar), (len(x0),), device=x0.device, generator=gen)
+    eps = torch.randn(x0.shape, device=x0.device, generator=gen)
+    return F.cross_entropy(classifier(q_sample(x0, t, eps, alpha_bar), t).float(), y)
+
+@torch.no_grad()
+def classifier_accuracy(classifier, images, labels, alpha_bar, seed):
+    """{the paper's t: accuracy} on uint8 images noised to t = 1, T/4, T/2 and 3T/4."""
+    x0, gen, acc = images.float() / 127.5 - 1, torch.Generator(images.device).manual_seed(seed), {}
+    for t in (torch.full((len(x0),), i * len(alpha_bar) // 4, device=x0.device) for i in range(4)):
+        xt = q_sample(x0, t, torch.randn(x0.shape, device=x0.device, generator=gen), alpha_bar)
+        acc[int(t[0]) + 1] = (classifier(xt, t).argmax(1) == labels).float().mean().item()
+    return acc
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
@@ -244,16 +275,32 @@ def guided_eps(model, x, t, y, w, null_class):
     eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
     return (1 + w) * eps_c.float() - w * eps_u.float()
 
-def generate(model, labels, w, shape, alpha_bar, seed, batch_size, steps=None, n_frames=0):
+def classifier_guided_eps(eps, classifier, x, t, y, s, alpha_bar):
+    """Classifier guidance (Dhariwal & Nichol Sec. 4.2, Eq. 14): eps^ = eps(x_t) - s sqrt(1 - ab_t)
+    grad_x log p_phi(y | x_t, t), by autograd (a backward pass a step). As eps = -sqrt(1 - ab_t)
+    grad log p(x_t) (Eq. 11), eps^ is the noise of p(x_t) p_phi(y|x_t)^s: DDIM with it is their
+    Alg. 2; DDPM's Alg. 2 with it is their Alg. 1 (mean + s Sigma grad) but for 1/sqrt(alpha_t)."""
+    with torch.enable_grad():  # log_softmax of the logits; a sum: each image its own gradient
+        x = x.detach().requires_grad_()
+        log_p = classifier(x, t).to(eps.dtype).log_softmax(1).gather(1, y[:, None]).sum()
+        grad = torch.autograd.grad(log_p, x)[0]
+    return eps - s * (1 - alpha_bar[t]).sqrt().view(-1, *[1] * (x.dim() - 1)) * grad
+
+def generate(model, labels, w, shape, alpha_bar, seed, batch_size, steps=None, n_frames=0,
+             classifier=None):
     """Samples of the labels (class indices or embedding weights) as uint8 (n, C, H, W), guided
-    with strength w, in batches: by DDPM's Alg. 2, which is DDIM's Eq. 12 with eta = 1 on all T
-    steps (the same update: ddim.py's tests check it), or with steps, by S deterministic DDIM
+    with strength w (or a classifier's s), in batches: by DDPM's Alg. 2, which is DDIM's Eq. 12 at
+    eta = 1 on all T steps (the same update: ddim.py's tests check it), or by S deterministic DDIM
     steps; and frames of the first batch for a GIF. A seed: the same noise whatever w and labels."""
     gen, out, frames = torch.Generator(alpha_bar.device).manual_seed(seed), [], []
     null_class, T = model.class_emb.num_embeddings - 1, len(alpha_bar)
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(alpha_bar.device)
         eps = lambda x, t: guided_eps(model, x, t, y, w, null_class)  # the sampler's model(x, t)
+        if classifier:  # instead: the null class's prediction, pushed by the classifier's gradient
+            null = torch.full_like(y, null_class)
+            eps = lambda x, t: classifier_guided_eps(model(x, t, null).float(), classifier, x, t, y,
+                                                     w, alpha_bar)
         x = torch.randn((len(y), *shape), device=gen.device, generator=gen)
         x, f = ddim_sample_loop(eps, x, alpha_bar, sampling_timesteps(T, steps or T),
                                 0.0 if steps else 1.0, gen, 0 if start else n_frames)
@@ -340,12 +387,13 @@ def class_grid(images, labels, ncol=10):  # a row of up to ncol samples per clas
         row = images[labels == c][:ncol]
         rows += [row, torch.full((ncol - len(row), *row.shape[1:]), 255, dtype=torch.uint8)]
     return torch.cat(rows)
-def write_samples(model, labels, shape, alpha_bar, args, name="samples"):
+def write_samples(model, labels, shape, alpha_bar, args, name="samples", classifier=None):
     """NAME.png: samples of the labels, a row per class; the final ones also reverse.gif,
-    guidance.png (a row per w of GUIDANCE_STRIP, the same noise in each column), mixing.png and
-    --npz (uint8 NHWC, the labels as arr_1)."""
+    guidance.png (a row per w of GUIDANCE_STRIP, the same noise in each column), mixing.png (not
+    with a classifier) and --npz (uint8 NHWC, the labels as arr_1)."""
     sample = lambda y, w, frames=0: generate(model, y, w, shape, alpha_bar, args.seed,
-                                             args.sample_batch_size, args.sampling_steps, frames)
+                                             args.sample_batch_size, args.sampling_steps, frames,
+                                             classifier)
     t0, classes = time.time(), model.class_emb.num_embeddings - 1
     images, frames = sample(labels, args.guidance, 40)
     grid(class_grid(images, labels), nrow=10).save(Path(args.out_dir, f"{name}.png"))
@@ -357,15 +405,16 @@ def write_samples(model, labels, shape, alpha_bar, args, name="samples"):
     grid(torch.cat(strip), nrow=10).save(Path(args.out_dir, "guidance.png"))
     # Class mixing: row i blends the embedding of class a_i into that of b_i, left to right, from
     # one noise per row; half-way the network sees an embedding it never saw in training (hybrids).
-    if pairs := [(c, (c + classes // 2) % classes) for c in range(min(classes // 2, 10))]:
+    if pairs := [(c, (c + classes // 2) % classes) for c in range(min(classes // 2, 10) *
+                                                                  (not classifier))]:
         mix = [sample(blend_labels(pairs, lam, classes), args.guidance)[0]
                for lam in torch.linspace(0, 1, 10).tolist()]
         grid(torch.stack(mix, 1).flatten(0, 1), nrow=10).save(Path(args.out_dir, "mixing.png"))
     if args.npz: np.savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy())
     print(f"sampled {len(labels)} images in {secs:.1f} s ({len(labels) / secs:.1f} img/s, "
           f"{'DDIM' if args.sampling_steps else 'DDPM'} {args.sampling_steps or len(alpha_bar)} "
-          f"steps, w = {args.guidance:g}): {args.out_dir}/samples.png, reverse.gif, guidance.png"
-          f"{', mixing.png' * bool(pairs)} {args.npz or ''}")
+          f"steps, {'s' if classifier else 'w'} = {args.guidance:g}): {args.out_dir}/samples.png, "
+          f"reverse.gif, guidance.png{', mixing.png' * bool(pairs)} {args.npz or ''}")
 # %% Checkpoints
 def save_checkpoint(path, state):  # a temporary file, renamed: no write leaves a broken file
     torch.save(state, tmp := path.with_name(f"{path.name}.{os.getpid()}.tmp"))
@@ -387,6 +436,16 @@ def load_checkpoint(path, scripts=(SCRIPT,), keys=("step", "image_shape", "class
     if missing := {"config", *keys, *("model", "opt") * resume} - ckpt.keys():
         raise ValueError(f"{path} lacks {', '.join(sorted(missing))}: it is damaged")
     return ckpt
+def load_classifier(path, shape, classes, config, device):  # for --guidance-mode classifier
+    if not path.is_file():
+        raise ValueError(f"--guidance-mode classifier: no classifier at {path}; train one with "
+                         "--train-classifier, or pass --classifier PATH")
+    ckpt, fixed = load_checkpoint(path), lambda c: [c["schedule"], c["timesteps"]]
+    mine = [ckpt["image_shape"], ckpt["classes"], *fixed(ckpt["config"])]
+    if not ckpt["config"].get("train_classifier") or mine != [shape, classes, *fixed(config)]:
+        raise ValueError(f"{path} is no classifier of these images and noise (--train-classifier)")
+    (classifier := Classifier(shape[0], len(classes)).to(device)).load_state_dict(ckpt["ema"])
+    return classifier.requires_grad_(False).eval()
 def claim_outputs(out_dir, *files):
     """Before any work: each output's folder must take files, and out_dir is locked against a
     second run (a POSIX lock of this process, freed by the kernel when it ends, killed or not)."""
@@ -433,19 +492,23 @@ FLAGS = {
     "data_dir": ("data", str, "where torchvision datasets live or are downloaded"),
     "out_dir": (f"runs/{SCRIPT}", str, "checkpoint, sample grids and GIFs go here"),
     "ckpt": (None, str, "checkpoint to write, resume or sample (default: OUT_DIR/ckpt.pt)"),
-    "steps": ((10000, 3000), POSITIVE, "training steps"), "lr": ((1e-3, 1e-3), REAL, "AdamW's"),
-    "batch_size": ((256, 64), POSITIVE, "images per step and per process"),
-    "warmup": (200, COUNT, "steps of lr warm-up"), "lr_decay": (False, None, "cosine decay to 0"),
+    "steps": ((10000, 4500), POSITIVE, "training steps"), "lr": ((1e-3, 2e-3), REAL, "AdamW's"),
+    "batch_size": ((256, 32), POSITIVE, "images per step and per process"),
+    "warmup": (200, COUNT, "steps of lr warm-up"), "lr_decay": ((False, True), None, "cosine to 0"),
     "grad_clip": (1.0, valid(float, lambda v: v >= 0, "non-negative"), "gradient norm clip"),
-    "ema_decay": (0.999, valid(float, lambda v: 0 <= v < 1, "in [0, 1)"), "EMA decay"),
+    "ema_decay": ((0.999, 0.995), valid(float, lambda v: 0 <= v < 1, "in [0, 1)"), "EMA decay"),
     "seed": (0, valid(int, lambda v: 0 <= v < 2**31, "in 0..2^31-1"), "seeds weights, data, noise"),
     "log_every": ((100, 10), POSITIVE, "steps per log"), "compile": (False, None, "torch.compile"),
     "ckpt_every": ((2000, 500), POSITIVE, "steps between checkpoints"),
-    "sample_every": ((2000, 1500), COUNT, "steps between sample grids, 0 for none"),
+    "sample_every": ((2000, 0), COUNT, "steps between sample grids, 0 for none"),
     "resume": (False, None, "continue from --ckpt"), "sample_only": (False, None, "only sample"),
     "num_samples": (100, POSITIVE, "images in the final grid and in --npz"),
     "guidance": (1.0, valid(float, lambda v: v >= 0, "non-negative (w = 0: the conditional model, "
-                 "unguided)"), "guidance strength w of Eq. 6 (1 gave the best FID on MNIST)"),
+                 "unguided)"), "guidance strength w of Eq. 6 (1 gave the best FID on MNIST), or s"),
+    "guidance_mode": ("free", ("free", "classifier"), "classifier-free (Eq. 6), or classifier "
+                      "guidance (Dhariwal & Nichol 2021) of the null class by --classifier"),
+    "classifier": (None, str, "noise-aware classifier (default: OUT_DIR/classifier.pt)"),
+    "train_classifier": (False, None, "train --classifier on noised images, not the diffusion"),
     "labels": (None, valid(str, lambda s: re.fullmatch(r"\d+(,\d+)*", s), "classes like 3,3,7"),
                "classes to sample (default: --num-samples images cycling through the classes)"),
     "sampling_steps": (None, POSITIVE, "sample with S deterministic DDIM steps, not DDPM's T"),
@@ -499,8 +562,14 @@ def main(argv=None):  # train, then sample (with --sample-only, only sample); re
     args = parser.parse_args([] if argv is None and "ipykernel" in sys.modules else argv)
     try:  # each mistake of the user's ends here, in one line, before any work
         device = setup_device(args.device or "auto")
-        ckpt_path = Path(args.ckpt or Path(args.out_dir or FLAGS["out_dir"][0], "ckpt.pt"))
+        out_dir, trains_classifier = Path(args.out_dir or f"runs/{SCRIPT}"), args.train_classifier
+        classifier_path = Path(args.classifier or out_dir / "classifier.pt")
+        ckpt_path = classifier_path if trains_classifier else Path(args.ckpt or out_dir / "ckpt.pt")
+        if trains_classifier and args.sample_only:
+            raise ValueError("--train-classifier trains: leave out --sample-only")
         ckpt = (args.sample_only or args.resume) and load_checkpoint(ckpt_path, resume=args.resume)
+        if ckpt and bool(ckpt["config"].get("train_classifier")) != trains_classifier:
+            raise ValueError(f"{ckpt_path} is {'not ' * trains_classifier}a classifier's file")
         if not ckpt and ckpt_path.exists():
             raise ValueError(f"{ckpt_path} exists: pass --resume to go on, or a new --out-dir")
         fill_flags(args, device, ckpt and ckpt["config"], ckpt_path)
@@ -521,7 +590,10 @@ def main(argv=None):  # train, then sample (with --sample-only, only sample); re
         check_memory(2 * args.sample_batch_size * math.prod(shape) * args.base_channels * 200,
                      f"a sampling batch of {args.sample_batch_size} (--sample-batch-size)")
         torch.manual_seed(args.seed)
-        model = build_model(vars(args), shape[0], len(classes)).to(device)
+        model = (Classifier(shape[0], len(classes)) if trains_classifier else
+                 build_model(vars(args), shape[0], len(classes))).to(device)
+        guide = args.guidance_mode == "classifier" and not trains_classifier and \
+            load_classifier(classifier_path, shape, classes, vars(args), device)
         ema = copy.deepcopy(model).requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), args.lr, fused=device.type == "cuda")
         modules = {"ema": ema} if args.sample_only else {"ema": ema, "model": model, "opt": opt}
@@ -531,13 +603,17 @@ def main(argv=None):  # train, then sample (with --sample-only, only sample); re
     except (KeyError, RuntimeError, TypeError, ZeroDivisionError):  # damaged, or edited by hand
         parser.error(f"{ckpt_path}: its weights do not fit its own config; it is damaged")
     alpha_bar = torch.cumprod(1 - betas64, 0).float().to(device)
-    sample = lambda y, name="samples": write_samples(ema, y, shape, alpha_bar, args, name)
+    sample = lambda y, name="samples": write_samples(ema, y, shape, alpha_bar, args, name, guide)
     if args.sample_only: return sample(wanted) or ema
     data, labels, start = data.to(device), labels.to(device), ckpt["step"] if ckpt else 0
+    if trains_classifier:  # held-out images to measure it on
+        keep, n = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)), \
+            min(1000, len(data) // 10)
+        held, data, labels = (data[keep[:n]], labels[keep[:n]]), data[keep[n:]], labels[keep[n:]]
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"{args.dataset}: {len(data)} images {tuple(shape)} in {len(classes)} classes; "
-              f"a U-Net of {params} parameters; "
+              f"a {'classifier' if trains_classifier else 'U-Net'} of {params} parameters; "
               f"batch {args.batch_size} x {world} process(es) on {device}" + (device.type != "cuda")
               * " (no CUDA GPU: the small defaults, see --help)")
         x0 = get_batch(data, labels, 8, gen := torch.Generator(device).manual_seed(args.seed))[0]
@@ -547,12 +623,17 @@ def main(argv=None):  # train, then sample (with --sample-only, only sample); re
         grid(to_uint8(xt), nrow=10).save(Path(args.out_dir, "forward.png"))
     def loss(net, gen):  # Alg. 1 of Ho & Salimans: draw (x_0, c), drop c, then DDPM's step
         x0, y = get_batch(data, labels, args.batch_size, gen)
+        if trains_classifier: return classifier_loss(net, x0, y, alpha_bar, gen)
         return loss_fn(net, x0, drop_labels(y, args.p_uncond, len(classes), gen), alpha_bar, gen)
     extra = {"config": vars(args), "image_shape": shape, "classes": classes, "fingerprint": found}
     preview = lambda step: sample(cycle_labels(64, len(classes)), f"samples_{step:06d}")
-    if train(model, ema, opt, loss, args, start, ckpt_path, extra, preview):
+    if train(model, ema, opt, loss, args, start, ckpt_path, extra,
+             None if trains_classifier else preview):
         sys.exit(130)  # stopped by a signal: the usual exit status after Ctrl-C
-    if rank == 0: sample(wanted)
+    if rank == 0 and trains_classifier:
+        print(f"classifier accuracy on {len(held[0])} held-out images: " + ", ".join(
+            f"t = {t}: {a:.3f}" for t, a in classifier_accuracy(ema, *held, alpha_bar, 0).items()))
+    elif rank == 0: sample(wanted)
     if world > 1: dist.destroy_process_group()
     return ema
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ def ckpts(tiny_mnist, tmp_path_factory):
     common = ["--data-dir", str(tiny_mnist), *TINY]
     ddpm.main([*common, "--out-dir", str(out / "ddpm")])
     conditional.main([*common, "--out-dir", str(out / "conditional"), "--sampling-steps", "2"])
+    conditional.main([*common, "--out-dir", str(out / "conditional"), "--train-classifier"])
     latent.main([*common, "--out-dir", str(out / "latent"), "--ae-channels", "8", "--ae-batch-size", "8",
                  "--ae-steps", "3"])
     return out
@@ -51,6 +52,12 @@ def test_guidance_sweep_scores_every_w(ckpts, tiny_mnist, tmp_path, capsys):
                "--sampling-steps", "2")
     assert [r["w"] for r in rows] == list(bench.GUIDANCE) and [r["s"] for r in rows] == [1, 1.5, 2, 3, 5]
     assert all(0 <= r["accuracy"] <= 1 and r["fid"] > 0 and r["img_s"] > 0 for r in rows)
+    assert {r["guidance"] for r in rows} == {"free"}
+    # With a classifier, classifier guidance follows on the same noise, labels and sampler.
+    rows = run(capsys, tiny_mnist, tmp_path, "guidance-sweep", "--ckpt", ckpts / "conditional" / "ckpt.pt",
+               "--sampling-steps", "2", "--classifier", ckpts / "conditional" / "classifier.pt", "--scales", "0,3")
+    assert [(r["guidance"], r["w"], r["s"]) for r in rows[-2:]] == [("classifier", None, 0), ("classifier", None, 3)]
+    assert rows[-1]["fid"] > 0 and rows[-1]["fid"] != rows[-2]["fid"] and 0 <= rows[-1]["accuracy"] <= 1
 
 
 def test_reconstructions_and_the_latent_against_pixel_timing(ckpts, tiny_mnist, tmp_path, capsys):

@@ -168,6 +168,115 @@ def test_guidance_raises_the_share_of_samples_on_their_class(sampling_steps):
     assert on_class[1.0] > on_class[0.0] + 0.05 and on_class[4.0] >= on_class[1.0] and on_class[4.0] > 0.98
 
 
+# ---- classifier guidance (Dhariwal & Nichol) with the exact classifier of a Gaussian mixture ----
+
+class MixtureClassifier(nn.Module):
+    """Logits of the exact p(c | x_t) for x_0 ~ N(mu_c, s^2 I), equal priors: log N(x_t; sqrt(ab) mu_c,
+    var I) up to a constant that every class shares (all classes have the same var)."""
+
+    def __init__(self, mus, s, alpha_bar):
+        super().__init__()
+        self.mus, self.s, self.alpha_bar = mus, s, alpha_bar
+
+    def forward(self, x, t):
+        ab = self.alpha_bar[t].view(-1, 1, 1, 1)
+        var = ab * self.s ** 2 + 1 - ab
+        return torch.stack([(-(x - ab.sqrt() * mu) ** 2 / (2 * var)).flatten(1).sum(1) for mu in self.mus], 1)
+
+
+@pytest.mark.parametrize("s", [0.0, 1.0, 3.5])
+def test_classifier_guided_eps_is_eq_14_in_closed_form(s):
+    """eps^ = eps(x_t) - s sqrt(1 - ab) grad log p(y | x_t), with the gradient written out by hand:
+    grad log p(y | x_t) = (m_y - sum_k p(k | x_t) m_k) / var, m_k = sqrt(ab) mu_k. float64 throughout."""
+    mus, sd = (-0.5, 0.25), 0.375  # exactly representable, so the closed form sees the same numbers
+    alpha_bar = torch.cumprod(1 - cond.make_betas("linear", 1000), 0)  # float64
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 2, 2, generator=gen, dtype=torch.float64)
+    t, y = torch.randint(1000, (64,), generator=gen), torch.randint(2, (64,), generator=gen)
+    ab = alpha_bar[t].view(-1, 1, 1, 1)
+    var, m = ab * sd ** 2 + 1 - ab, torch.stack([ab.sqrt() * mu for mu in mus])  # m: (classes, B, 1, 1, 1)
+    log_lik = torch.stack([(-(x - mk) ** 2 / (2 * var)).flatten(1).sum(1) for mk in m])
+    post = log_lik.softmax(0).view(2, -1, 1, 1, 1)
+    m_bar = (post * m).sum(0)
+    eps_u = (1 - ab).sqrt() * (x - m_bar) / var  # the exact unconditional E[eps | x_t]
+    grad = (m[y, torch.arange(64)] - m_bar) / var
+    got = cond.classifier_guided_eps(eps_u, MixtureClassifier(mus, sd, alpha_bar), x, t, y, s, alpha_bar)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, eps_u - s * (1 - ab).sqrt() * grad, rtol=1e-12, atol=1e-12)
+    if s == 1:  # p(x_t) p(y | x_t) = p(x_t | y) p(y): the exact class-conditional noise, Eq. 11 read backwards
+        torch.testing.assert_close(got, (1 - ab).sqrt() * (x - m[y, torch.arange(64)]) / var, rtol=1e-12,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("sampling_steps", [None, 50])
+def test_classifier_guidance_moves_samples_into_the_requested_component(sampling_steps):
+    """The unconditional model (the null class) guided by the exact classifier: s = 0 ignores the label
+    (half the samples on each side), s = 1 is the conditional model (Phi(1) = 0.841 on their side), and a
+    large s puts nearly all of them on the requested side."""
+    mus, s = (-0.4, 0.4), 0.4
+    _, alpha_bar = schedule(T=200)
+    model, classifier = MixtureEps(mus, s, alpha_bar), MixtureClassifier(mus, s, alpha_bar)
+    labels = torch.arange(4000) % 2
+    on_class = {}
+    for scale in (0.0, 1.0, 8.0):
+        images, _ = cond.generate(model, labels, scale, (1, 1, 1), alpha_bar, 0, 4000, sampling_steps,
+                                  classifier=classifier)
+        x = images.flatten().float() / 127.5 - 1
+        on_class[scale] = ((x > 0).long() == labels).float().mean().item()
+    assert abs(on_class[0.0] - 0.5) < 0.03 and abs(on_class[1.0] - 0.841) < 0.03
+    assert on_class[8.0] > 0.98
+
+
+def test_the_classifier_trains_reports_its_accuracy_and_guides_sampling(tiny_mnist, tmp_path, trained, capsys):
+    common = ["--data-dir", tiny_mnist, "--out-dir", tmp_path, *TINY]
+    clf = cond.main(list(map(str, common + ["--train-classifier", "--steps", "6", "--ckpt-every", "3"])))
+    out = capsys.readouterr().out
+    assert "a classifier of" in out and "classifier accuracy on 51 held-out images: t = 1: " in out
+    assert "t = 6: " in out and "t = 11: " in out and "t = 16: " in out  # T = 20: t = 1, T/4, T/2, 3T/4
+    assert not (tmp_path / "samples.png").exists()
+    ckpt = torch.load(tmp_path / "classifier.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["config"]["train_classifier"] and "opt" in ckpt
+    assert isinstance(clf, cond.Classifier) and clf(torch.zeros(2, 1, 28, 28), torch.tensor([0, 19])).shape == (2, 10)
+    # It resumes like the diffusion model.
+    cond.main(list(map(str, common + ["--train-classifier", "--steps", "9", "--resume"])))
+    assert torch.load(tmp_path / "classifier.pt", weights_only=True)["step"] == 9
+    # Guided sampling from the diffusion checkpoint, the classifier beside it.
+    sampled = tmp_path / "sampled"
+    cond.main(list(map(str, ["--sample-only", "--ckpt", trained, "--guidance-mode", "classifier", "--classifier",
+                             tmp_path / "classifier.pt", "--guidance", "2", "--out-dir", sampled, "--labels",
+                             "3,1,4", "--npz", sampled / "s.npz", "--sampling-steps", "3"])))
+    assert "s = 2" in capsys.readouterr().out
+    for name in ("samples.png", "guidance.png", "reverse.gif"):
+        assert (sampled / name).is_file(), name
+    assert not (sampled / "mixing.png").exists()  # blends are CFG's embeddings; the classifier has none
+    with np.load(sampled / "s.npz") as f:
+        assert f["arr_0"].shape == (3, 28, 28, 1) and f["arr_1"].tolist() == [3, 1, 4]
+
+
+def test_classifier_mistakes_end_in_one_line(capsys, tmp_path, trained, tiny_mnist):
+    expect_usage_error(capsys, ["--sample-only", "--ckpt", trained, "--guidance-mode", "classifier", "--out-dir",
+                                tmp_path], f"--guidance-mode classifier: no classifier at {tmp_path}/classifier.pt")
+    expect_usage_error(capsys, ["--sample-only", "--ckpt", trained, "--guidance-mode", "classifier",
+                                "--classifier", trained, "--out-dir", tmp_path], "is no classifier of these images")
+    expect_usage_error(capsys, ["--guidance-mode", "classifier", "--guidance", "-2"], "--guidance: must be non-neg")
+    expect_usage_error(capsys, ["--guidance-mode", "guess"], "--guidance-mode: invalid choice: 'guess'")
+    expect_usage_error(capsys, ["--train-classifier", "--sample-only", "--out-dir", tmp_path],
+                       "--train-classifier trains: leave out --sample-only")
+    expect_usage_error(capsys, ["--train-classifier", "--resume", "--classifier", trained, "--data-dir", tiny_mnist,
+                                "--out-dir", tmp_path], "is not a classifier's file")
+    cond.main(list(map(str, ["--data-dir", tiny_mnist, "--out-dir", tmp_path / "c", *TINY, "--train-classifier",
+                             "--steps", "2"])))
+    capsys.readouterr()
+    expect_usage_error(capsys, ["--sample-only", "--ckpt", tmp_path / "c" / "classifier.pt", "--out-dir", tmp_path],
+                       "classifier.pt is a classifier's file")
+    other = ["--sample-only", "--ckpt", trained, "--guidance-mode", "classifier", "--out-dir", tmp_path]
+    cond.main(list(map(str, ["--data-dir", tiny_mnist, "--out-dir", tmp_path / "d", *TINY, "--train-classifier",
+                             "--steps", "2", "--timesteps", "30"])))
+    capsys.readouterr()
+    expect_usage_error(capsys, other + ["--classifier", tmp_path / "d" / "classifier.pt"],
+                       "is no classifier of these images and noise")
+
+
 # ---- the command line, end to end ----
 
 def test_command_line_end_to_end(tiny_mnist, tmp_path):
