@@ -39,3 +39,26 @@ def test_script_runs_as_a_notebook(script, tiny_mnist, tmp_path):
     assert (tmp_path / "again" / "samples.png").is_file()
     printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
     assert "UNet" in printed
+
+
+def test_restore_runs_as_a_notebook(tiny_mnist, tmp_path):
+    """restore.py trains nothing: Run all restores test images with a (tiny) ddpm.py checkpoint."""
+    import ddpm
+    ddpm.main(["--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path / "ddpm"), "--device", "cpu",
+               "--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20", "--steps", "2",
+               "--batch-size", "8", "--sample-batch-size", "4", "--num-samples", "4"])
+    nb = jupytext.read(ROOT / "restore.py")
+    assert nb.cells[-1].source.endswith('if __name__ == "__main__":\n    main()')
+    tiny = {"ckpt": str(tmp_path / "ddpm" / "ckpt.pt"), "data_dir": str(tiny_mnist), "num_images": 2, "steps": 3,
+            "device": "cpu"}
+    nb.cells.insert(-1, nbformat.v4.new_code_cell(
+        f"for name, value in {tiny!r}.items():\n    FLAGS[name] = (value, *FLAGS[name][1:])"))
+    nb.cells.append(nbformat.v4.new_code_cell(
+        'results = main(["--tasks", "superres", "--out-dir", "again"])\nprint(sorted(results))'))
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    for task in ("denoise", "inpaint-center", "inpaint-left", "inpaint-random", "superres"):
+        assert (tmp_path / "runs" / "restore" / f"{task}.png").is_file(), task
+    assert (tmp_path / "again" / "superres.png").is_file()
+    assert "['superres']" in "".join(o.get("text", "") for o in nb.cells[-1].outputs)

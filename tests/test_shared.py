@@ -10,11 +10,12 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ("ddpm.py", "ddim.py", "conditional.py", "latent.py")
+SCRIPTS = ("ddpm.py", "ddim.py", "conditional.py", "latent.py", "restore.py")
 
 # Top-level names that are meant to differ: the technique itself. Every other function, class or
 # constant that two scripts define must be the same text in both.
 PER_SCRIPT = {"SCRIPT", "FLAGS", "RUN_FLAGS", "generate", "write_samples", "main"}
+TRAINED = SCRIPTS[:4]  # restore.py trains nothing: it restores with a ddpm.py checkpoint
 DIFFERS = {  # name: the scripts whose copy is changed by their technique
     "UNet": {"conditional.py"},  # a class embedding added to the time embedding
     "build_model": {"conditional.py"},
@@ -56,8 +57,11 @@ def test_the_shared_core_is_in_every_script():
     core = ("make_betas", "q_sample", "timestep_embedding", "ResBlock", "Attention", "UNet", "ema_update",
             "train", "load_images", "save_checkpoint", "load_checkpoint", "claim_outputs", "fill_flags",
             "setup_device")
-    for script in SCRIPTS:
+    for script in TRAINED:
         assert set(core) <= DEFS[script].keys(), (script, set(core) - DEFS[script].keys())
+    restoring = ("make_betas", "q_sample", "timestep_embedding", "ResBlock", "Attention", "UNet", "build_model",
+                 "load_checkpoint", "claim_outputs", "setup_device", "build_parser", "read_image", "grid")
+    assert set(restoring) <= DEFS["restore.py"].keys()  # and, by the test above, the same text as ddpm.py's
 
 
 def test_every_ddim_sampler_is_ddim_pys():
@@ -77,14 +81,17 @@ def test_the_idea_comes_first(script):
     """The sections in the order of the paper, then the plumbing; the schedule within 60 lines."""
     lines = (ROOT / script).read_text().splitlines()
     sections = [line[5:] for line in lines if line.startswith("# %% ")]
-    assert sections[:4] == ["Imports", "Noise schedule and forward process", "The network eps_theta",
-                            "Training: Alg. 1"], sections
-    assert sections[4].startswith("Sampling"), sections
+    assert sections[:3] == ["Imports", "Noise schedule and forward process", "The network eps_theta"]
+    if script == "restore.py":  # no training: what the network does beyond sampling comes next
+        assert sections[3].startswith("Restoring"), sections
+        sections[3:4] = ["Training: Alg. 1", "Sampling"]  # in their place, so the rest is checked alike
+    assert sections[3] == "Training: Alg. 1" and sections[4].startswith("Sampling"), sections
     assert sections[5:] == ["Data", "Pictures", "Checkpoints", "Configuration and command line", "Main"]
     assert next(i for i, line in enumerate(lines, 1) if line.startswith("def make_betas")) <= 60
 
 
-BUDGETS = {"ddpm.py": 450, "ddim.py": 520, "conditional.py": 560, "latent.py": 640, "evaluate.py": 400}
+BUDGETS = {"ddpm.py": 450, "ddim.py": 520, "conditional.py": 640, "latent.py": 640, "evaluate.py": 400,
+           "restore.py": 520}  # conditional.py: 560, and 80 for classifier guidance
 
 
 @pytest.mark.parametrize("script", sorted(BUDGETS))
