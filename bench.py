@@ -8,13 +8,14 @@ OUT_DIR/NAME.json.
         --classifier runs/conditional/classifier.pt      # and classifier guidance beside it
     python bench.py reconstructions --ckpt runs/latent/ckpt.pt    # FID of latent.py's autoencoder
     python bench.py latent-vs-pixel --ckpt runs/latent/ckpt.pt --pixel-ckpt runs/ddpm/ckpt.pt
+    python bench.py restoration --ckpt checkpoints/ddpm_mnist.pt --samples 500   # restore.py
 """
 import argparse, json, sys, time
 from pathlib import Path
 
 import torch
 
-import conditional, ddim, ddpm, evaluate, latent
+import conditional, ddim, ddpm, evaluate, latent, restore
 
 DDIM_STEPS, DDIM_ETAS = (10, 20, 50, 100, 1000), (0.0, 1.0)  # DDIM Table 1's S and eta
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)  # the w of the guidance table (Ho & Salimans Table 1)
@@ -150,13 +151,35 @@ def latent_vs_pixel(args, device, reps=5):
         print(f"{r['script']:7} {r['part']:22} {r['img_s']:10.1f} img/s {r['minutes']:8.1f} min")
     return rows
 
+def restoration(args, device):
+    """For each task of restore.py: the first --samples test images corrupted and restored with a
+    ddpm.py checkpoint; PSNR against the clean images and evaluate.py's FID against the test
+    split, of the restored images and of the task's naive baseline (and of the clean ones)."""
+    ckpt, config, alpha_bar = load(restore, args.ckpt, device, ("ddpm", "ddim"))
+    model = restore.build_model(config, ckpt["image_shape"][0]).to(device)
+    model.load_state_dict(ckpt["ema"])
+    images = restore.load_test_images(config["dataset"], args.data_dir, args.samples,
+                                      ckpt["image_shape"])
+    clean = score(images, config, args)
+    rows = [{"task": "none", "images": "clean", "psnr": None, **metrics(clean), "seconds": 0}]
+    print(row_text(rows[-1]), flush=True)
+    for task in args.tasks:
+        (_, baseline, restored), secs = timed(lambda: restore.run_task(
+            model.eval(), images, task, alpha_bar, args.sigma, args.scale, args.restore_steps,
+            args.resample, args.seed, args.batch_size), device)
+        for name, out in (("restored", restored), ("baseline", baseline)):
+            rows.append({"task": task, "images": name, "psnr": restore.psnr(out, images),
+                         **metrics(score(out, config, args)), "seconds": secs * (name != "baseline")})
+            print(row_text(rows[-1]), flush=True)
+    return rows
+
 def metrics(r):
     return {k: r[k] for k in ("fid", "kid", "kid_std", "precision", "recall")}
 
 def row_text(r):
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
 
-SWEEPS = {"ddim-sweep": ddim_sweep, "guidance-sweep": guidance_sweep,
+SWEEPS = {"ddim-sweep": ddim_sweep, "guidance-sweep": guidance_sweep, "restoration": restoration,
           "reconstructions": reconstructions, "latent-vs-pixel": latent_vs_pixel}
 
 def main(argv=None):
@@ -178,6 +201,12 @@ def main(argv=None):
                    default=DDIM_STEPS, help="ddim-sweep: the S, like 10,20 (default: 10,...,1000)")
     p.add_argument("--spacing", choices=("uniform", "quadratic"), default="uniform",
                    help="ddim-sweep: the spacing of its steps")
+    p.add_argument("--tasks", type=lambda v: v.split(","), default=restore.TASKS,
+                   help="restoration: restore.py's tasks (default: all)")
+    p.add_argument("--sigma", type=float, default=0.5, help="restoration: the denoising noise std")
+    p.add_argument("--scale", type=int, default=4, help="restoration: super-resolution factor")
+    p.add_argument("--restore-steps", type=int, default=250, help="restoration: reverse steps")
+    p.add_argument("--resample", type=int, default=1, help="restoration: RePaint's resamplings")
     p.add_argument("--seed", type=int, default=0, help="seeds samples, classifier, floor")
     p.add_argument("--data-dir", default="data", help="where evaluate.py finds the dataset")
     p.add_argument("--cache-dir", default="runs/evaluate", help="evaluate.py's classifier cache")

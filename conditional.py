@@ -389,8 +389,8 @@ def class_grid(images, labels, ncol=10):  # a row of up to ncol samples per clas
     return torch.cat(rows)
 def write_samples(model, labels, shape, alpha_bar, args, name="samples", classifier=None):
     """NAME.png: samples of the labels, a row per class; the final ones also reverse.gif,
-    guidance.png (a row per w of GUIDANCE_STRIP, the same noise in each column), mixing.png (not
-    with a classifier) and --npz (uint8 NHWC, the labels as arr_1)."""
+    guidance.png (a row per w, or s, of GUIDANCE_STRIP, the same noise in each column),
+    mixing.png (not with a classifier) and --npz (uint8 NHWC, the labels as arr_1)."""
     sample = lambda y, w, frames=0: generate(model, y, w, shape, alpha_bar, args.seed,
                                              args.sample_batch_size, args.sampling_steps, frames,
                                              classifier)
@@ -401,7 +401,7 @@ def write_samples(model, labels, shape, alpha_bar, args, name="samples", classif
     secs, gif = time.time() - t0, [grid(to_uint8(f)) for f in frames]
     gif[0].save(Path(args.out_dir, "reverse.gif"), save_all=True, append_images=gif[1:],
                 duration=[80] * len(gif[1:]) + [2000])
-    strip = [sample(cycle_labels(10, classes), w)[0] for w in GUIDANCE_STRIP]
+    strip = [sample(cycle_labels(10, classes), w)[0] for w in GUIDANCE_STRIP[bool(classifier)]]
     grid(torch.cat(strip), nrow=10).save(Path(args.out_dir, "guidance.png"))
     # Class mixing: row i blends the embedding of class a_i into that of b_i, left to right, from
     # one noise per row; half-way the network sees an embedding it never saw in training (hybrids).
@@ -518,7 +518,7 @@ FLAGS = {
     "device": ("auto", ("auto", "cuda", "mps", "cpu"), "auto picks cuda, then mps, then cpu"),
 }
 RUN_FLAGS = tuple(FLAGS)[:8]  # dataset..p_uncond: fixed by a checkpoint, whose values they take
-GUIDANCE_STRIP = (0.0, 0.5, 1.0, 2.0, 4.0)  # the w of guidance.png's rows
+GUIDANCE_STRIP = (0.0, 0.5, 1.0, 2.0, 4.0), (0.0, 4.0, 8.0, 16.0, 32.0)  # guidance.png's w, or s
 def build_parser():  # a flag left out stays None until fill_flags gives it its default
     p = argparse.ArgumentParser(f"{SCRIPT}.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

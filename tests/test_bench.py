@@ -86,3 +86,14 @@ def test_a_folder_checkpoint_or_too_few_samples_end_in_one_line(ckpts, tiny_mnis
             bench.main([*map(str, argv), "--device", "cpu", "--data-dir", str(tiny_mnist)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_restoration_scores_each_task_against_its_baseline(ckpts, tiny_mnist, tmp_path, capsys):
+    rows = run(capsys, tiny_mnist, tmp_path, "restoration", "--ckpt", ckpts / "ddpm" / "ckpt.pt", "--tasks",
+               "denoise,inpaint-left", "--restore-steps", "3")
+    assert [(r["task"], r["images"]) for r in rows] == [
+        ("none", "clean"), ("denoise", "restored"), ("denoise", "baseline"), ("inpaint-left", "restored"),
+        ("inpaint-left", "baseline")]
+    assert all(r["fid"] > 0 for r in rows) and all(0 < r["psnr"] < 100 for r in rows[1:])
+    assert rows[1]["seconds"] > 0 and rows[2]["seconds"] == 0
+    assert rows[2]["psnr"] != rows[4]["psnr"]  # each task its own baseline
