@@ -63,7 +63,7 @@ def test_resume_from_a_slim_checkpoint_says_it_holds_no_optimizer_state(slim_ckp
 
 # ---- the checkpoints shipped in checkpoints/ ----
 
-SHIPPED = {"ddpm_mnist.pt": ddpm}
+SHIPPED = {"ddpm_mnist.pt": ddpm, "conditional_mnist.pt": conditional}
 TRAINING = ("steps", "lr", "batch_size", "warmup", "lr_decay", "grad_clip", "ema_decay", "seed")
 
 
@@ -84,17 +84,35 @@ def test_a_shipped_checkpoint_is_slim_and_was_written_by_this_code_with_its_cpu_
         expected = 28 if flag == "image_size" else cpu_default(module, flag)
         assert config[flag] == expected, (flag, config[flag], expected)
     assert ckpt["step"] == config["steps"]  # trained to the end
-    model = module.build_model(config, ckpt["image_shape"][0])
+    classes = [len(ckpt["classes"])] if module is conditional else []
+    model = module.build_model(config, ckpt["image_shape"][0], *classes)
     model.load_state_dict(ckpt["ema"])  # the weights fit the configuration
 
 
-@pytest.mark.parametrize("script,argv", [(ddpm, []), (ddim, ["--sampling-steps", "20", "--eta", "1"])])
-def test_the_shipped_ddpm_checkpoint_samples_digits(script, argv, tmp_path):
+@pytest.mark.parametrize("script,name,argv", [(ddpm, "ddpm", []), (ddim, "ddpm", ["--sampling-steps", "20", "--eta", "1"]),
+                                              (conditional, "conditional", ["--sampling-steps", "20"])])
+def test_a_shipped_checkpoint_samples_digits(script, name, argv, tmp_path):
     out = tmp_path / "out"
-    script.main(["--sample-only", "--ckpt", str(ROOT / "checkpoints" / "ddpm_mnist.pt"), "--out-dir", str(out),
+    script.main(["--sample-only", "--ckpt", str(ROOT / "checkpoints" / f"{name}_mnist.pt"), "--out-dir", str(out),
                  "--num-samples", "8", "--device", "cpu", "--data-dir", str(tmp_path / "none"),
                  "--npz", str(tmp_path / "s.npz"), *argv])
     images = np.load(tmp_path / "s.npz")["arr_0"]
     # MNIST is dark background with bright strokes (mean level 33 of 255, 13% of pixels over 127);
     # an untrained network gives grey noise around 128.
     assert images.shape == (8, 28, 28, 1) and images.mean() < 70 and 0.05 < (images > 127).mean() < 0.35
+
+
+def test_the_shipped_classifier_guides_the_shipped_conditional_checkpoint(tmp_path):
+    """checkpoints/conditional_mnist_classifier.pt: slim, trained by --train-classifier with the CPU defaults
+    for the shipped conditional model's images and schedule, and it steers the null class to the labels."""
+    path = ROOT / "checkpoints" / "conditional_mnist_classifier.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert path.stat().st_size <= 3e6 and not {"model", "opt"} & ckpt.keys()
+    assert ckpt["config"]["train_classifier"] and set(ckpt["config"]) == set(conditional.FLAGS)
+    assert ckpt["step"] == ckpt["config"]["steps"] == cpu_default(conditional, "steps")
+    out = tmp_path / "out"
+    conditional.main(["--sample-only", "--ckpt", str(ROOT / "checkpoints" / "conditional_mnist.pt"), "--guidance-mode",
+                      "classifier", "--classifier", str(path), "--guidance", "16", "--sampling-steps", "20",
+                      "--labels", "0,1,7,0,1,7", "--out-dir", str(out), "--device", "cpu", "--npz", str(tmp_path / "s.npz")])
+    images = np.load(tmp_path / "s.npz")["arr_0"]
+    assert images.shape == (6, 28, 28, 1) and images.mean() < 70 and 0.05 < (images > 127).mean() < 0.35
