@@ -240,7 +240,7 @@ def load_test_images(dataset, data_dir, n, shape):
             raise ValueError(f"--images {dataset}: no such dataset, or a folder with no images")
         x = torch.as_tensor(np.stack([ImageOps.fit(read_image(f), shape[1:]) for f in files]))
         x = x.permute(0, 3, 1, 2)
-    x = x.float().mean(1, keepdim=True) if shape[0] == 1 and x.shape[1] == 3 else x.float()
+    x = x.float().mean(1, keepdim=True) if shape[0] == 1 else x.float().expand(-1, shape[0], -1, -1)
     return F.interpolate(x, shape[1:], mode="bilinear", antialias=True).round().clamp(0, 255).byte()
 def read_image(path):  # as RGB; 16-bit ones scaled to 8 bits (convert() would clip them to white)
     try:

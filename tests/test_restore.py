@@ -197,3 +197,13 @@ def test_bad_input_ends_in_one_line(tiny_ckpt, tiny_mnist, tmp_path, capsys):
                        capture_output=True, text=True, cwd=tmp_path, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_test_images_take_the_models_channels(tiny_mnist, tmp_path):
+    """Grey MNIST for an RGB model, and RGB files for a grey one, arrive in the model's shape."""
+    rgb = restore.load_test_images("mnist", str(tiny_mnist), 3, [3, 28, 28])
+    assert rgb.shape == (3, 3, 28, 28) and torch.equal(rgb[:, 0], rgb[:, 2]) and rgb.float().std() > 0
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (40, 30), (30, 90, 150)).save(tmp_path / "imgs" / "a.png")
+    grey = restore.load_test_images(str(tmp_path / "imgs"), "unused", 5, [1, 16, 16])
+    assert grey.shape == (1, 1, 16, 16) and grey.unique().tolist() == [90]
