@@ -451,9 +451,8 @@ def valid(kind, ok=lambda v: v > 0, what="positive"):  # an argparse type=, refu
 POSITIVE, COUNT, REAL = valid(int), valid(int, lambda v: v >= 0, "non-negative"), valid(float)
 WIDTH = valid(int, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (GroupNorm: 8 groups)")
 MULT = valid(str, lambda s: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", s), "positive integers, like 1,2")
-# flag: (default, type or choices, help). A pair is (CUDA, CPU or mps): on CUDA a 6.1M-parameter
-# U-Net that sees 2.56M images (43 epochs of MNIST); on a CPU a 0.64M-parameter one, narrow at full
-# resolution where convolutions cost most (sampling batches of 256 were no faster than 64 there).
+# flag: (default, type or choices, help). A pair is (CUDA, CPU or mps): on a CPU, smaller networks
+# and ddpm.py's CPU recipe (lr 2e-3 decayed to 0, a short EMA, no grids during training).
 FLAGS = {
     "dataset": ("mnist", lambda s: str(Path(s)), "mnist, fashion-mnist, cifar10 or a folder"),
     "image_size": (None, POSITIVE, "image side (default: 28 (fashion-)mnist, 32 cifar10, 64)"),
@@ -468,19 +467,19 @@ FLAGS = {
     "out_dir": (f"runs/{SCRIPT}", str, "checkpoint, sample grids and GIFs go here"),
     "ckpt": (None, str, "checkpoint to write, resume or sample (default: OUT_DIR/ckpt.pt)"),
     "steps": ((10000, 10000), POSITIVE, "stage 2: training steps"),
-    "lr": ((1e-3, 1e-3), REAL, "AdamW's, in both stages"),
+    "lr": ((1e-3, 2e-3), REAL, "AdamW's, in both stages"),
     "batch_size": ((256, 128), POSITIVE, "stage 2: latents per step and per process"),
     "ae_steps": ((5000, 5000), POSITIVE, "stage 1: autoencoder training steps"),
     "ae_batch_size": ((128, 64), POSITIVE, "stage 1: images per step and per process"),
     "kl_weight": (1e-6, valid(float, lambda v: v >= 0, "non-negative"), "stage 1's KL weight"),
     "ae_ckpt": (None, str, "reuse this autoencoder (a run's OUT_DIR/ae.pt) instead of stage 1"),
-    "warmup": (200, COUNT, "steps of lr warm-up"), "lr_decay": (False, None, "cosine decay to 0"),
+    "warmup": (200, COUNT, "steps of lr warm-up"), "lr_decay": ((False, True), None, "cosine to 0"),
     "grad_clip": (1.0, valid(float, lambda v: v >= 0, "non-negative"), "gradient norm clip"),
-    "ema_decay": (0.999, valid(float, lambda v: 0 <= v < 1, "in [0, 1)"), "EMA decay"),
+    "ema_decay": ((0.999, 0.995), valid(float, lambda v: 0 <= v < 1, "in [0, 1)"), "EMA decay"),
     "seed": (0, valid(int, lambda v: 0 <= v < 2**31, "in 0..2^31-1"), "seeds weights, data, noise"),
     "log_every": ((100, 10), POSITIVE, "steps per log"), "compile": (False, None, "torch.compile"),
     "ckpt_every": ((2000, 500), POSITIVE, "steps between checkpoints"),
-    "sample_every": ((2000, 4000), COUNT, "steps between sample grids, 0 for none"),
+    "sample_every": ((2000, 0), COUNT, "steps between sample grids, 0 for none"),
     "resume": (False, None, "continue training from --ckpt, or stage 1 from OUT_DIR/ae.pt"),
     "sample_only": (False, None, "only sample from --ckpt; no dataset needed"),
     "num_samples": (64, POSITIVE, "images in the final grid and in --npz"),
