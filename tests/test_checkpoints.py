@@ -63,8 +63,9 @@ def test_resume_from_a_slim_checkpoint_says_it_holds_no_optimizer_state(slim_ckp
 
 # ---- the checkpoints shipped in checkpoints/ ----
 
-SHIPPED = {"ddpm_mnist.pt": ddpm, "conditional_mnist.pt": conditional}
+SHIPPED = {"ddpm_mnist.pt": ddpm, "conditional_mnist.pt": conditional, "latent_mnist.pt": latent}
 TRAINING = ("steps", "lr", "batch_size", "warmup", "lr_decay", "grad_clip", "ema_decay", "seed")
+STAGE1 = ("ae_steps", "ae_batch_size", "kl_weight", "ae_ckpt")  # latent.py's autoencoder, not reused
 
 
 def cpu_default(module, name):
@@ -80,17 +81,21 @@ def test_a_shipped_checkpoint_is_slim_and_was_written_by_this_code_with_its_cpu_
     assert ckpt["script"] == module.SCRIPT and not {"model", "opt"} & ckpt.keys()
     config = ckpt["config"]
     assert set(config) == set(module.FLAGS), set(config) ^ set(module.FLAGS)
-    for flag in (*module.RUN_FLAGS, *TRAINING):  # the model, the schedule and the recipe
+    for flag in (*module.RUN_FLAGS, *TRAINING, *STAGE1 * (module is latent)):  # model, schedule, recipe
         expected = 28 if flag == "image_size" else cpu_default(module, flag)
         assert config[flag] == expected, (flag, config[flag], expected)
     assert ckpt["step"] == config["steps"]  # trained to the end
     classes = [len(ckpt["classes"])] if module is conditional else []
-    model = module.build_model(config, ckpt["image_shape"][0], *classes)
+    model = module.build_model(config, ckpt.get("latent_shape", ckpt["image_shape"])[0], *classes)
     model.load_state_dict(ckpt["ema"])  # the weights fit the configuration
+    if module is latent:
+        ae = latent.Autoencoder(ckpt["image_shape"][0], config["ae_channels"], config["latent_channels"])
+        ae.load_state_dict(ckpt["ae"])
 
 
 @pytest.mark.parametrize("script,name,argv", [(ddpm, "ddpm", []), (ddim, "ddpm", ["--sampling-steps", "20", "--eta", "1"]),
-                                              (conditional, "conditional", ["--sampling-steps", "20"])])
+                                              (conditional, "conditional", ["--sampling-steps", "20"]),
+                                              (latent, "latent", ["--sampling-steps", "20"])])
 def test_a_shipped_checkpoint_samples_digits(script, name, argv, tmp_path):
     out = tmp_path / "out"
     script.main(["--sample-only", "--ckpt", str(ROOT / "checkpoints" / f"{name}_mnist.pt"), "--out-dir", str(out),
