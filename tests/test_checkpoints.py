@@ -81,7 +81,8 @@ def test_a_shipped_checkpoint_is_slim_and_was_written_by_this_code_with_its_cpu_
     assert ckpt["script"] == module.SCRIPT and not {"model", "opt"} & ckpt.keys()
     config = ckpt["config"]
     assert set(config) == set(module.FLAGS), set(config) ^ set(module.FLAGS)
-    for flag in (*module.RUN_FLAGS, *TRAINING, *STAGE1 * (module is latent)):  # model, schedule, recipe
+    stage1 = STAGE1 if module is latent else ()
+    for flag in (*module.RUN_FLAGS, *TRAINING, *stage1):  # the model, the schedule and the recipe
         expected = 28 if flag == "image_size" else cpu_default(module, flag)
         assert config[flag] == expected, (flag, config[flag], expected)
     assert ckpt["step"] == config["steps"]  # trained to the end
