@@ -75,8 +75,8 @@ def test_guided_eps_is_eq_6_from_one_batched_pass(w):
         guided = cond.guided_eps(model, x, t, y, w, null_class=3)
         # the references come from the same batch of 6: a batch of 3 differs from it in the last
         # bits of float32 (3.6e-6 here), which 1 + w and w amplify; that is not what this tests
-        both = model.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 3)]))
-        eps_c, eps_u = both.chunk(2)
+        null = torch.full_like(y, 3)
+        eps_c, eps_u = model.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
         assert torch.allclose(eps_c, model.model(x, t, y), atol=1e-5)  # the same network alone
     assert len(model.calls) == 1  # the references above call the wrapped model directly
     xs, ts, ys = model.calls[0]
