@@ -13,7 +13,7 @@ denoiser can do this is the score view: eps_theta(x_t, t) = -sqrt(1 - ab_t) grad
 runs/restore/, a grid per task: rows observed, restored, original. As a notebook, Run all restores.
 """
 # %% Imports
-import argparse, contextlib, io, math, os, re, sys, tempfile, time
+import argparse, contextlib, io, math, os, re, signal, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
@@ -25,17 +25,23 @@ SCRIPT = "restore"
 # %% Noise schedule and forward process
 # Code index t = 0..T-1 is the paper's t = 1..T. The schedule is built in float64 and cast to
 # float32 once; the sampler's arithmetic stays in float32 even where the network runs in bf16.
-def make_betas(schedule, T):
-    """beta_1..beta_T in float64: DDPM's linear schedule (Sec. 4) or the cosine one (Nichol &
-    Dhariwal 2021, Eq. 17)."""
+def make_schedule(schedule, T):
+    """beta_t, and alpha_bar_t = prod_{s <= t} alpha_s with alpha_t = 1 - beta_t (DDPM Eq. 4), in
+    float64. alpha_t is what one step keeps of the signal, alpha_bar_t what is left of x_0 at t.
+    DDPM's linear betas (Sec. 4) leave alpha_bar_T = 4e-5 at T = 1000: x_T is noise. The cosine
+    schedule (Nichol & Dhariwal 2021, Eq. 17) sets alpha_bar_t itself, to fall slowly near both
+    ends, where the linear one wastes its last steps on images that are noise already."""
     if schedule == "linear":
         scale = 1000 / T  # 1e-4..0.02 is tuned for T = 1000; scaling keeps alpha_bar_T near 0
         # For T < 50 the scaled betas would pass 1 (alpha_t < 0): clip them as the cosine ones are.
-        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
-    s = 0.008  # small offset so that beta_1 is not vanishingly small (their Sec. 3.2)
-    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
-    alpha_bar = f / f[0]
-    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # clipped as in the paper, near T
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
+    else:
+        s = 0.008  # small offset so that beta_1 is not vanishingly small (their Sec. 3.2)
+        t = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # clipped as in the paper, near T
+    alphas = 1 - betas
+    return betas, torch.cumprod(alphas, 0)
 
 def q_sample(x0, t, eps, alpha_bar):
     """Sample x_t ~ q(x_t | x_0) in closed form (Eq. 4): sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps."""
@@ -66,11 +72,13 @@ class Attention(nn.Module):
     puts it at the 16x16 level; here it sits at the lowest resolution)."""
     def __init__(self, ch, heads=4):
         super().__init__()
-        self.norm, self.attn = nn.GroupNorm(8, ch), nn.MultiheadAttention(ch, heads, batch_first=1)
+        self.norm = nn.GroupNorm(8, ch)
+        self.attn = nn.MultiheadAttention(ch, heads, batch_first=True)
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C): the pixels as a sequence
-        return x + self.attn(h, h, h, need_weights=False)[0].transpose(1, 2).reshape(B, C, H, W)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 class UNet(nn.Module):
     """eps_theta(x_t, t): the U-Net of DDPM (their Appendix B) in small. Residual blocks at each
@@ -80,11 +88,13 @@ class UNet(nn.Module):
         self.base, t_dim = base, 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(base, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.stem = nn.Conv2d(channels, base, 3, padding=1)
-        self.down, self.up, skips, ch = nn.ModuleList(), nn.ModuleList(), [base], base
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+        ch, skips = base, [base]  # skips: the channels of each output kept for the up path
         for level, m in enumerate(mult):
             for _ in range(num_res_blocks):
                 self.down.append(ResBlock(ch, base * m, t_dim))
-                skips.append(ch := base * m)
+                ch = base * m
+                skips.append(ch)
             if level < len(mult) - 1:
                 self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))  # halve H and W
                 skips.append(ch)
@@ -96,18 +106,22 @@ class UNet(nn.Module):
             if level > 0:  # forward() doubles H and W first, to the size of the skip
                 self.up.append(nn.Conv2d(ch, ch, 3, padding=1))
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, 1, 1))
-        for p in self.head[-1].parameters(): nn.init.zeros_(p)  # eps_theta = 0, as in DDPM's code
+        nn.init.zeros_(self.head[-1].weight)  # eps_theta = 0 at the start, as in DDPM's code
+        nn.init.zeros_(self.head[-1].bias)
     def forward(self, x, t):
         t_emb = F.silu(self.time_mlp(timestep_embedding(t, self.base)))
-        run = lambda layer, h: layer(h, t_emb) if isinstance(layer, ResBlock) else layer(h)
-        skips = [h := self.stem(x)]
-        for layer in self.down:
-            skips.append(h := run(layer, h))
-        for layer in self.mid:
-            h = run(layer, h)
-        for layer in self.up:  # a ResBlock takes the skip of its twin; a conv follows an upsampling
-            h = run(layer, torch.cat([h, skips.pop()], 1) if isinstance(layer, ResBlock) else
-                    F.interpolate(h, size=skips[-1].shape[-2:]))  # so odd sizes (7 from 14) work
+        h = self.stem(x)
+        skips = [h]
+        for layer in self.down:  # residual blocks, and convolutions that halve H and W
+            h = layer(h, t_emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        block1, attention, block2 = self.mid
+        h = block2(attention(block1(h, t_emb)), t_emb)
+        for layer in self.up:
+            if isinstance(layer, ResBlock):  # each takes the skip of its twin on the way down
+                h = layer(torch.cat([h, skips.pop()], 1), t_emb)
+            else:  # double H and W to the next skip's size first, so odd sizes (7 from 14) work
+                h = layer(F.interpolate(h, size=skips[-1].shape[-2:]))
         return self.head(h)
 
 def build_model(config, channels):
@@ -177,9 +191,12 @@ def make_mask(kind, x0, generator=None):
     """1 where a pixel is known: the centre square of half the side missing, the left half
     missing, or 75% of the pixels missing at random (a mask per image)."""
     m, (H, W) = torch.ones_like(x0[:, :1]), x0.shape[-2:]
-    if kind == "center": m[..., H // 4:H - H // 4, W // 4:W - W // 4] = 0
-    if kind == "left": m[..., :W // 2] = 0
-    if kind == "random": m = (torch.rand(m.shape, device=m.device, generator=generator) < 0.25)
+    if kind == "center":
+        m[..., H // 4:H - H // 4, W // 4:W - W // 4] = 0
+    if kind == "left":
+        m[..., :W // 2] = 0
+    if kind == "random":
+        m = (torch.rand(m.shape, device=m.device, generator=generator) < 0.25)
     return m.float()
 
 def corrupt(task, x0, alpha_bar, sigma, scale, generator=None):
@@ -234,10 +251,14 @@ def load_test_images(dataset, data_dir, n, shape):
                                     f"({type(e).__name__}): put its files in {data_dir}/{where}")
         x = torch.as_tensor(x[:n])
         x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W) or (N, H, W, C)
+    elif not Path(dataset).is_dir():
+        raise ValueError(f"--images {dataset}: neither a dataset ({', '.join(DATASETS)}) nor a "
+                         "folder of images")
     else:
         files = [f for f in sorted(Path(dataset).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
-        if not (files := [f for f in files if f.is_file()][:n]):
-            raise ValueError(f"--images {dataset}: no such dataset, or a folder with no images")
+        files = [f for f in files if f.is_file()][:n]
+        if not files:
+            raise ValueError(f"--images {dataset}: the folder holds no images of {IMAGE_SUFFIXES}")
         x = torch.as_tensor(np.stack([ImageOps.fit(read_image(f), shape[1:]) for f in files]))
         x = x.permute(0, 3, 1, 2)
     x = x.float().mean(1, keepdim=True) if shape[0] == 1 else x.float().expand(-1, shape[0], -1, -1)
@@ -245,7 +266,8 @@ def load_test_images(dataset, data_dir, n, shape):
 def read_image(path):  # as RGB; 16-bit ones scaled to 8 bits (convert() would clip them to white)
     try:
         with Image.open(path) as img:
-            if img.mode == "F": raise OSError("a float image has no agreed range; save 8 or 16 bit")
+            if img.mode == "F":
+                raise OSError("a float image has no agreed range; save 8 or 16 bit")
             if img.mode.startswith("I"):  # "I;16", "I;16B", or "I" as some readers give 16 bits
                 img = Image.fromarray((np.asarray(img) / 257).clip(0, 255).astype(np.uint8))
             return img.convert("RGB")
@@ -266,13 +288,22 @@ def load_checkpoint(path, scripts=(SCRIPT,), keys=("step", "image_shape", "ema")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot read {path}, it is corrupt or truncated ({type(e).__name__})")
-    if (found := ckpt.get("script") if isinstance(ckpt, dict) else None) not in scripts:
+    found = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if found not in scripts:
         raise ValueError(f"{path} is not a checkpoint of {' or '.join(s + '.py' for s in scripts)} "
                          f"(it says {found!r})")
     if resume and "opt" not in ckpt:  # checkpoints/ holds such ones: the EMA weights and config
         raise ValueError(f"{path} holds no optimizer state (a slim checkpoint, for sampling only)")
-    if missing := {"config", *keys, *("model", "opt") * resume} - ckpt.keys():
-        raise ValueError(f"{path} lacks {', '.join(sorted(missing))}: it is damaged")
+    needed = {"config", *keys, "model", "opt"} if resume else {"config", *keys}
+    if needed - ckpt.keys():
+        raise ValueError(f"{path} lacks {', '.join(sorted(needed - ckpt.keys()))}: it is damaged")
+    shape = ckpt.get("image_shape", [1, 1, 1])
+    if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise ValueError(f"{path}: its image_shape {shape} is not (C, H, W): it is damaged")
+    for key in ("ema", "model", "ae"):  # the networks' weights, wherever a checkpoint has them
+        for name, weight in ckpt.get(key, {}).items():
+            if not (weight.is_floating_point() and weight.isfinite().all()):
+                raise ValueError(f"{path}: its weight {key}.{name} is not finite floats: damaged")
     return ckpt
 def claim_outputs(out_dir, *files):
     """Before any work: each output's folder must take files, and out_dir is locked against a
@@ -281,41 +312,50 @@ def claim_outputs(out_dir, *files):
         for folder in (out_dir, *(Path(f).parent for f in files if f)):
             folder.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()  # read-only storage fails now, not later
-        if dirs := [f for f in files if f and Path(f).is_dir()]:
-            raise IsADirectoryError(0, "", dirs[0])
+        for f in files:
+            if f and Path(f).is_dir():
+                raise IsADirectoryError(0, "", f)
         lock = open(out_dir / ".lock", "w")
     except OSError as e:  # read-only storage, a file where a folder should be, or the reverse
         raise ValueError(f"cannot write {e.filename}: {e.strerror or 'it is a folder'}") from None
-    try:
-        if os.name == "posix":  # Windows has no fcntl, and so no lock
-            __import__("fcntl").lockf(lock, 6)  # 6 = LOCK_EX | LOCK_NB: refuse, never wait
-        return lock
-    except OSError:
-        raise ValueError(f"{out_dir} is in use by another run: wait, or use another --out-dir")
+    if os.name == "posix":  # Windows has no fcntl, and so no lock
+        import fcntl
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # NB: refuse at once, never wait
+        except OSError:
+            raise ValueError(f"{out_dir} is in use by another run: wait, or use another --out-dir")
+    return lock
 # %% Configuration and command line
-def valid(kind, ok=lambda v: v > 0, what="positive"):  # an argparse type=, refusing nan and inf too
+def valid(kind, ok=lambda v: v > 0, what="positive"):
+    """An argparse type= refusing what ok() does not take, and nan, inf or 1e39 (inf in float32)."""
     def parse(text):
-        if isinstance(value := kind(text), float) and not math.isfinite(value) or not ok(value):
+        value = kind(text)
+        if kind is float and math.isfinite(value) and abs(value) > torch.finfo(torch.float32).max:
+            raise argparse.ArgumentTypeError(f"must fit float32 (at most 3.4e38), got {text}")
+        if kind is float and not math.isfinite(value) or not ok(value):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the kind of a bad text: "invalid int value"
     return parse
-POSITIVE, COUNT, REAL = valid(int), valid(int, lambda v: v >= 0, "non-negative"), valid(float)
+POSITIVE = valid(int)
+COUNT = valid(int, lambda v: v >= 0, "non-negative")
+REAL = valid(float)
 WIDTH = valid(int, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (GroupNorm: 8 groups)")
 MULT = valid(str, lambda s: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", s), "positive integers, like 1,2")
 FLAGS = {  # flag: (default, type or choices, help)
     "ckpt": ("checkpoints/ddpm_mnist.pt", str, "a checkpoint of ddpm.py (or ddim.py)"),
     "tasks": (",".join(TASKS), valid(str, lambda s: set(s.split(",")) <= set(TASKS),
               f"some of {','.join(TASKS)}"), "what to restore, comma-separated"),
-    "sigma": (0.5, REAL, "denoise: the noise std, on the [-1, 1] scale (0.5: 64 of 255 levels)"),
+    "noise_std": (0.5, REAL, "denoise: the noise's std, [-1, 1] scale (0.5: 64 of 255 levels)"),
     "scale": (4, POSITIVE, "superres: the factor per side (4: 7x7 to 28x28)"),
-    "steps": (None, POSITIVE, "reverse steps, spread evenly over the model's T (None: 250 or T)"),
+    "restore_steps": (None, POSITIVE, "reverse steps, spread evenly over the model's T (None: 250, "
+                      "or T if fewer)"),
     "resample": (1, POSITIVE, "inpainting and superres: RePaint's resamplings per step (1: none)"),
     "images": (None, str, "a dataset or image folder (default: the checkpoint's, test split)"),
     "num_images": (10, POSITIVE, "images to restore per task"),
     "data_dir": ("data", str, "where torchvision datasets live or are downloaded"),
     "out_dir": (f"runs/{SCRIPT}", str, "a grid per task goes here"),
-    "batch_size": (100, POSITIVE, "images per batch"),
+    "sample_batch_size": (100, POSITIVE, "images restored per batch"),
     "seed": (0, valid(int, lambda v: 0 <= v < 2**31, "in 0..2^31-1"), "seeds masks and noise"),
     "device": ("auto", ("auto", "cuda", "mps", "cpu"), "auto picks cuda, then mps, then cpu"),
 }
@@ -325,27 +365,40 @@ def build_parser():  # a flag left out stays None until fill_flags gives it its 
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage
     for name, (default, kind, help) in FLAGS.items():
         shown = f"{default[0]} on CUDA, {default[1]} else" if type(default) is tuple else default
-        how = ({"action": "store_true" if default is False else argparse.BooleanOptionalAction}
-               if kind is None else {"choices": kind} if type(kind) is tuple else {"type": kind})
+        how = {"type": kind}
+        if type(kind) is tuple:
+            how = {"choices": kind}
+        if kind is None:  # a switch: --flag, or --flag/--no-flag where the default is a pair
+            how = {"action": "store_true" if default is False else argparse.BooleanOptionalAction}
         p.add_argument("--" + name.replace("_", "-"), help=f"{help} (default: {shown})", **how)
     return p
 # %% Main
 def setup_device(name):  # cuda, then mps, then cpu, unless named; under torchrun, the group too
-    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": 1}
-    name = next(d for d in ok if ok[d]) if name == "auto" else name
-    if not ok[name]: raise ValueError(f"--device {name}: no {name} device is visible; use cpu")
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    found["cpu"] = True
+    if name == "auto":
+        name = next(d for d in found if found[d])
+    if not found[name]:
+        raise ValueError(f"--device {name}: no {name} device is visible; use cpu")
     device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0)) if name == "cuda" else None)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: a process per GPU (gloo on CPUs)
-        torch.cuda.set_device(device) if name == "cuda" else None
+        if name == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if name == "cuda" else "gloo")
     return device
+def save_png(picture, path):  # a temporary file, renamed: no write leaves a broken file
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.png")
+    picture.save(tmp)
+    os.replace(tmp, path)
 def main(argv=None):  # restore test images with a ddpm.py model; returns {task: (PSNR, baseline's)}
     parser = build_parser()  # in a notebook sys.argv is the kernel's: Run all takes the defaults
     args = parser.parse_args([] if argv is None and "ipykernel" in sys.modules else argv)
     for name, (default, *_) in FLAGS.items():  # a flag left out takes its default
-        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     try:  # each mistake of the user's ends here, in one line, before any work
-        device, tasks = setup_device(args.device), args.tasks.split(",")
+        device = setup_device(args.device)
+        tasks, out = args.tasks.split(","), Path(args.out_dir)
         ckpt = load_checkpoint(Path(args.ckpt), ("ddpm", "ddim"), keys=("image_shape", "ema"))
         config, shape = ckpt["config"], ckpt["image_shape"]
         C, H, W = shape
@@ -354,34 +407,42 @@ def main(argv=None):  # restore test images with a ddpm.py model; returns {task:
                              f"into blocks: pick a divisor of {H} and {W} above 1")
         if any(t.startswith("inpaint") for t in tasks) and min(H, W) < 4:
             raise ValueError(f"the masks need images of at least 4x4, the model's are {H}x{W}")
-        args.steps = args.steps or min(250, config["timesteps"])
-        if args.steps > config["timesteps"]:
-            raise ValueError(f"--steps {args.steps} is more than the model's T = "
-                             f"{config['timesteps']}")
+        T = config["timesteps"]
+        steps = args.restore_steps or min(250, T)
+        if steps > T:
+            raise ValueError(f"--restore-steps {steps} is more than the model's T = {T}")
+        alpha_bar64 = make_schedule(config["schedule"], T)[1]  # [0]: the betas
+        lock = claim_outputs(out, *(out / f"{task}.png" for task in tasks))  # held until the end
         images = load_test_images(args.images or config["dataset"], args.data_dir, args.num_images,
                                   shape)
         model = build_model(config, C).to(device)
         model.load_state_dict(ckpt["ema"])
-        lock = claim_outputs(Path(args.out_dir))
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     except (KeyError, RuntimeError, TypeError):  # damaged, or edited by hand
         parser.error(f"{args.ckpt}: its weights do not fit its own config; it is damaged")
-    betas64 = make_betas(config["schedule"], config["timesteps"])
-    alpha_bar, results = torch.cumprod(1 - betas64, 0).float().to(device), {}
-    for task in tasks:
-        t0 = time.time()
-        shown, baseline, restored = run_task(model.eval(), images, task, alpha_bar, args.sigma,
-                                             args.scale, args.steps, args.resample, args.seed,
-                                             args.batch_size)
-        n, path = min(10, len(images)), Path(args.out_dir, f"{task}.png")  # rows of up to 10
-        rows = torch.cat([shown[:n], restored[:n], images[:n]])  # observed, restored, original
-        rows = torchvision.utils.make_grid(rows, nrow=n, pad_value=255).permute(1, 2, 0)
-        Image.fromarray(rows.squeeze(-1).numpy()).save(path)
-        results[task] = psnr(restored, images), psnr(baseline, images)
-        print(f"{task}: PSNR {results[task][0]:.2f} dB restored, {results[task][1]:.2f} dB for "
-              f"{BASELINES[task.split('-')[0]]}; {len(images)} images in {time.time() - t0:.1f} s, "
-              f"{path}")
+    alpha_bar, results = alpha_bar64.float().to(device), {}
+    def on_sigterm(signum, frame):  # stop as Ctrl-C does
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        for task in tasks:
+            t0 = time.time()
+            shown, baseline, restored = run_task(model.eval(), images, task, alpha_bar,
+                                                 args.noise_std, args.scale, steps, args.resample,
+                                                 args.seed, args.sample_batch_size)
+            n, path = min(10, len(images)), out / f"{task}.png"  # rows of up to 10 images
+            rows = torch.cat([shown[:n], restored[:n], images[:n]])  # observed, restored, original
+            picture = torchvision.utils.make_grid(rows, nrow=n, pad_value=255).permute(1, 2, 0)
+            save_png(Image.fromarray(picture.squeeze(-1).numpy()), path)
+            results[task] = psnr(restored, images), psnr(baseline, images)
+            print(f"{task}: PSNR {results[task][0]:.2f} dB restored, {results[task][1]:.2f} dB for "
+                  f"{BASELINES[task.split('-')[0]]}; {len(images)} images in "
+                  f"{time.time() - t0:.1f} s, {path}")
+    except KeyboardInterrupt:
+        sys.exit(f"{SCRIPT}.py: stopped; the grids of the tasks that finished are in {out}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return results
 if __name__ == "__main__":
     main()

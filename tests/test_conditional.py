@@ -16,7 +16,8 @@ from conftest import ROOT
 
 # A U-Net small enough that a CPU step takes milliseconds; T = 20 keeps sampling cheap.
 TINY = ["--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20",
-        "--batch-size", "8", "--sample-batch-size", "16", "--num-samples", "16", "--log-every", "5"]
+        "--batch-size", "8", "--sample-batch-size", "16", "--num-samples", "16", "--log-every", "5",
+        "--sampling-steps", "20"]
 
 
 def run_cli(*args, **kw):
@@ -26,7 +27,7 @@ def run_cli(*args, **kw):
 
 
 def schedule(kind="linear", T=1000):
-    betas = cond.make_betas(kind, T)
+    betas = cond.make_schedule(kind, T)[0]
     return betas.float(), torch.cumprod(1 - betas, 0).float()
 
 
@@ -104,10 +105,10 @@ def test_one_seed_gives_the_same_noise_for_every_w_and_label():
     betas, alpha_bar = schedule(T=20)
     model = cond.UNet(1, base=8, mult=(1, 2), num_res_blocks=1, num_classes=3)  # zero head: eps_theta = 0
     args = ((1, 8, 8), alpha_bar, 0, 4)
-    a, _ = cond.generate(model, torch.tensor([0, 1, 2, 0, 1]), 0.0, *args)
-    b, _ = cond.generate(model, cond.blend_labels([(0, 1)] * 5, 0.3, 3), 4.0, *args)
-    c, _ = cond.generate(model, torch.tensor([2, 2, 2, 2, 2]), 1.0, *args, steps=5)
-    d, _ = cond.generate(model, torch.tensor([0, 0, 0, 0, 0]), 2.0, *args, steps=5)
+    a, _ = cond.generate(model, torch.tensor([0, 1, 2, 0, 1]), 0.0, *args, 20, 1.0)
+    b, _ = cond.generate(model, cond.blend_labels([(0, 1)] * 5, 0.3, 3), 4.0, *args, 20, 1.0)
+    c, _ = cond.generate(model, torch.tensor([2, 2, 2, 2, 2]), 1.0, *args, 5, 0.0)
+    d, _ = cond.generate(model, torch.tensor([0, 0, 0, 0, 0]), 2.0, *args, 5, 0.0)
     assert torch.equal(a, b) and torch.equal(c, d)
     assert a.float().std() > 0 and not torch.equal(a, c)
 
@@ -155,15 +156,15 @@ class MixtureEps(nn.Module):
         return torch.where(null.view(-1, 1, 1, 1), eps_u, picked)
 
 
-@pytest.mark.parametrize("sampling_steps", [None, 50])
-def test_guidance_raises_the_share_of_samples_on_their_class(sampling_steps):
+@pytest.mark.parametrize("steps,eta", [(200, 1.0), (50, 0.0)])  # Alg. 2, and DDIM
+def test_guidance_raises_the_share_of_samples_on_their_class(steps, eta):
     mus, s = (-0.4, 0.4), 0.4  # overlapping classes: unguided, about 16% land on the other side of 0
     betas, alpha_bar = schedule(T=200)
     model = MixtureEps(mus, s, alpha_bar)
     labels = torch.arange(4000) % 2
     on_class = {}
     for w in (0.0, 1.0, 4.0):
-        images, _ = cond.generate(model, labels, w, (1, 1, 1), alpha_bar, 0, 4000, sampling_steps)
+        images, _ = cond.generate(model, labels, w, (1, 1, 1), alpha_bar, 0, 4000, steps, eta)
         x = images.flatten().float() / 127.5 - 1
         on_class[w] = ((x > 0).long() == labels).float().mean().item()
     # w = 0 is the conditional model: the share of N(+-0.4, 0.4^2) beyond 0 is Phi(1) = 0.841.
@@ -193,7 +194,7 @@ def test_classifier_guided_eps_is_eq_14_in_closed_form(s):
     """eps^ = eps(x_t) - s sqrt(1 - ab) grad log p(y | x_t), with the gradient written out by hand:
     grad log p(y | x_t) = (m_y - sum_k p(k | x_t) m_k) / var, m_k = sqrt(ab) mu_k. float64 throughout."""
     mus, sd = (-0.5, 0.25), 0.375  # exactly representable, so the closed form sees the same numbers
-    alpha_bar = torch.cumprod(1 - cond.make_betas("linear", 1000), 0)  # float64
+    alpha_bar = torch.cumprod(1 - cond.make_schedule("linear", 1000)[0], 0)  # float64
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1, 2, 2, generator=gen, dtype=torch.float64)
     t, y = torch.randint(1000, (64,), generator=gen), torch.randint(2, (64,), generator=gen)
@@ -212,8 +213,8 @@ def test_classifier_guided_eps_is_eq_14_in_closed_form(s):
                                    atol=1e-12)
 
 
-@pytest.mark.parametrize("sampling_steps", [None, 50])
-def test_classifier_guidance_moves_samples_into_the_requested_component(sampling_steps):
+@pytest.mark.parametrize("steps,eta", [(200, 1.0), (50, 0.0)])  # Alg. 2, and DDIM
+def test_classifier_guidance_moves_samples_into_the_requested_component(steps, eta):
     """The unconditional model (the null class) guided by the exact classifier: s = 0 ignores the label
     (half the samples on each side), s = 1 is the conditional model (Phi(1) = 0.841 on their side), and a
     large s puts nearly all of them on the requested side."""
@@ -223,7 +224,7 @@ def test_classifier_guidance_moves_samples_into_the_requested_component(sampling
     labels = torch.arange(4000) % 2
     on_class = {}
     for scale in (0.0, 1.0, 8.0):
-        images, _ = cond.generate(model, labels, scale, (1, 1, 1), alpha_bar, 0, 4000, sampling_steps,
+        images, _ = cond.generate(model, labels, scale, (1, 1, 1), alpha_bar, 0, 4000, steps, eta,
                                   classifier=classifier)
         x = images.flatten().float() / 127.5 - 1
         on_class[scale] = ((x > 0).long() == labels).float().mean().item()
@@ -259,9 +260,10 @@ def test_the_classifier_trains_reports_its_accuracy_and_guides_sampling(tiny_mni
 
 def test_classifier_mistakes_end_in_one_line(capsys, tmp_path, trained, tiny_mnist):
     expect_usage_error(capsys, ["--sample-only", "--ckpt", trained, "--guidance-mode", "classifier", "--out-dir",
-                                tmp_path], f"--guidance-mode classifier: no classifier at {tmp_path}/classifier.pt")
-    expect_usage_error(capsys, ["--sample-only", "--ckpt", trained, "--guidance-mode", "classifier",
-                                "--classifier", trained, "--out-dir", tmp_path], "is no classifier of these images")
+                                tmp_path, "--sampling-steps", 20],
+                       f"--guidance-mode classifier: no classifier at {tmp_path}/classifier.pt")
+    expect_usage_error(capsys, ["--sample-only", "--ckpt", trained, "--guidance-mode", "classifier", "--sampling-steps",
+                                20, "--classifier", trained, "--out-dir", tmp_path], "is no classifier of these images")
     expect_usage_error(capsys, ["--guidance-mode", "classifier", "--guidance", "-2"], "--guidance: must be non-neg")
     expect_usage_error(capsys, ["--guidance-mode", "guess"], "--guidance-mode: invalid choice: 'guess'")
     expect_usage_error(capsys, ["--train-classifier", "--sample-only", "--out-dir", tmp_path],
@@ -273,7 +275,8 @@ def test_classifier_mistakes_end_in_one_line(capsys, tmp_path, trained, tiny_mni
     capsys.readouterr()
     expect_usage_error(capsys, ["--sample-only", "--ckpt", tmp_path / "c" / "classifier.pt", "--out-dir", tmp_path],
                        "classifier.pt is a classifier's file")
-    other = ["--sample-only", "--ckpt", trained, "--guidance-mode", "classifier", "--out-dir", tmp_path]
+    other = ["--sample-only", "--ckpt", trained, "--guidance-mode", "classifier", "--out-dir", tmp_path,
+             "--sampling-steps", 20]
     cond.main(list(map(str, ["--data-dir", tiny_mnist, "--out-dir", tmp_path / "d", *TINY, "--train-classifier",
                              "--steps", "2", "--timesteps", "30"])))
     capsys.readouterr()
@@ -300,12 +303,12 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path):
     assert Image.open(out / "mixing.png").size == (10 * 30 + 2, 5 * 30 + 2)  # pairs 0-5 .. 4-9
 
     # Sampling needs the checkpoint only: run it from elsewhere, with no data dir.
-    for steps, npz in ((None, tmp_path / "s" / "ddpm.npz"), (5, tmp_path / "s" / "ddim.npz")):
+    for steps, eta, npz in ((20, 1, tmp_path / "s" / "ddpm.npz"), (5, 0, tmp_path / "s" / "ddim.npz")):
         r = run_cli("--sample-only", "--ckpt", out / "ckpt.pt", "--out-dir", tmp_path / "sampled", "--labels",
-                    "3,3,7,0,9", "--npz", npz, "--device", "cpu", *(["--sampling-steps", steps] if steps else []),
+                    "3,3,7,0,9", "--npz", npz, "--device", "cpu", "--sampling-steps", steps, "--eta", eta,
                     cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-        assert (f"DDIM {steps} steps" if steps else "DDPM 20 steps") in r.stdout
+        assert f"{steps} steps, eta {eta}, {2 * steps} U-Net evaluations an image" in r.stdout
         with np.load(npz) as f:
             assert f["arr_0"].shape == (5, 28, 28, 1) and f["arr_0"].dtype == np.uint8 and f["arr_0"].std() > 0
             assert f["arr_1"].tolist() == [3, 3, 7, 0, 9]
@@ -377,7 +380,7 @@ def test_bad_flags(capsys, tmp_path, argv, message):
 
 
 def test_label_out_of_range(capsys, tmp_path, trained, tiny_mnist):
-    expect_usage_error(capsys, ["--sample-only", "--ckpt", trained, "--labels", "3,10"],
+    expect_usage_error(capsys, ["--sample-only", "--ckpt", trained, "--labels", "3,10", "--sampling-steps", "20"],
                        "class 10 is out of range; this model has classes 0..9")
     expect_usage_error(capsys, ["--sample-only", "--ckpt", trained, "--labels", "-1"], "must be classes like 3,3,7, got -1")
     # When training, before the first step rather than after the last.

@@ -28,7 +28,7 @@ def run_cli(*args, **kw):
 
 
 def schedule(kind="linear", T=1000):
-    betas = ddim.make_betas(kind, T)
+    betas = ddim.make_schedule(kind, T)[0]
     return betas.float(), torch.cumprod(1 - betas, 0).float()
 
 
@@ -61,7 +61,7 @@ def test_spacings_differ_as_described():
 # ---- one step: DDIM with eta = 1 on consecutive steps is DDPM's step ----
 
 def test_eta_1_on_consecutive_steps_is_ddpms_posterior_step():
-    betas = ddim.make_betas("linear", 1000)  # float64: at t = 1, 1 - alpha_bar is 1e-4 and float32 rounds
+    betas = ddim.make_schedule("linear", 1000)[0]  # float64: at t = 1, 1 - alpha_bar is 1e-4 and float32 rounds
     alpha_bar = torch.cumprod(1 - betas, 0)
     gen = torch.Generator().manual_seed(0)
     for clip in (False, True):
@@ -172,7 +172,7 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path):
     for name in ("ckpt.pt", "forward.png", "samples_000005.png", "samples.png", "reverse.gif",
                  "interpolation.png", "inversion.png"):
         assert (out / name).is_file(), name
-    assert "10 steps, eta 0" in r.stdout and "RMSE" in r.stdout
+    assert "10 steps, eta 0, 10 network evaluations an image" in r.stdout and "RMSE" in r.stdout
     assert torch.load(out / "ckpt.pt", weights_only=True)["script"] == "ddim"
     assert Image.open(out / "interpolation.png").size == (10 * 30 + 2, 4 * 30 + 2)
     assert Image.open(out / "inversion.png").size == (8 * 30 + 2, 4 * 30 + 2)
@@ -213,8 +213,9 @@ def expect_usage_error(capsys, argv, message):
 @pytest.mark.parametrize("argv,message", [
     (["--sampling-steps", "0"], "--sampling-steps: must be positive, got 0"),
     (["--sampling-steps", "21"], "--sampling-steps 21 is more than the model's T = 20"),
-    (["--eta", "-0.5"], "--eta: must be non-negative, got -0.5"),
-    (["--eta", "nan"], "--eta: must be non-negative, got nan"),
+    (["--eta", "-0.5"], "--eta: must be in [0, 1], got -0.5"),
+    (["--eta", "1.5"], "--eta: must be in [0, 1], got 1.5"),
+    (["--eta", "nan"], "--eta: must be in [0, 1], got nan"),
     (["--schedule", "cosine"], "was trained with --schedule linear, not cosine"),
     (["--timesteps", "50"], "was trained with --timesteps 20, not 50"),
     (["--base-channels", "24"], "was trained with --base-channels 8, not 24"),

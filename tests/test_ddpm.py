@@ -33,7 +33,7 @@ def digest(path):
 
 
 def schedule(kind="linear", T=1000):
-    betas = ddpm.make_betas(kind, T)
+    betas = ddpm.make_schedule(kind, T)[0]
     return betas, torch.cumprod(1 - betas, 0)
 
 
@@ -185,7 +185,7 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("ckpt.pt", "forward.png", "samples_000010.png", "samples.png", "reverse.gif"):
         assert (out / name).is_file(), name
-    assert "trained at step 20" in r.stdout
+    assert "trained at step 20" in r.stdout and "Alg. 2, 20 steps, 20 network evaluations an image" in r.stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["script"] == "ddpm" and ckpt["step"] == 20 and ckpt["image_shape"] == [1, 28, 28]
     assert {"model", "ema", "opt", "config"} <= ckpt.keys()

@@ -18,7 +18,7 @@ from conftest import ROOT, make_digits
 # Both stages small enough that a CPU step takes milliseconds; T = 20 keeps sampling cheap.
 TINY = ["--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20",
         "--ae-channels", "8", "--batch-size", "8", "--ae-batch-size", "8", "--sample-batch-size", "16",
-        "--num-samples", "16", "--log-every", "5"]
+        "--num-samples", "16", "--log-every", "5", "--sampling-steps", "20"]
 
 
 def run_cli(*args, **kw):
@@ -88,16 +88,21 @@ def test_ae_loss_is_l1_plus_weighted_kl():
     assert latent.ae_loss(ae, x, eps, 0.5).item() == pytest.approx(rec.item() + 0.5 * kl.item(), rel=1e-5)
 
 
-def test_default_sampler_is_ddim_with_200_steps_or_T_if_fewer():
-    unet, ae = latent.UNet(4, base=8, mult=(1,), num_res_blocks=1), latent.Autoencoder(1, base=8)
-    def sampler(T, steps):
-        betas = latent.make_betas("linear", T)
-        args = latent.argparse.Namespace(seed=0, sample_batch_size=2, sampling_steps=steps, eta=1.0)
-        return latent.generate(unet, ae, 1.0, 2, [4, 7, 7], torch.cumprod(1 - betas, 0).float(), args)[2]
-    assert (sampler(1000, None), sampler(1000, 0), sampler(1000, 50), sampler(20, None)) == (200, 0, 50, 20)
+def test_default_sampler_is_200_steps_at_eta_1_and_each_step_is_one_evaluation():
     args = latent.build_parser().parse_args([])
     latent.fill_flags(args, torch.device("cpu"))
-    assert args.eta == 1 and args.sampling_steps is None
+    assert args.eta == 1 and args.sampling_steps == 200 == latent.DDIM_STEPS
+    unet, ae = latent.UNet(4, base=8, mult=(1,), num_res_blocks=1), latent.Autoencoder(1, base=8)
+    calls = []
+    def counted(x, t):
+        calls.append(len(x))
+        return unet(x, t)
+    for steps in (1, 7, 20):
+        calls.clear()
+        args = latent.argparse.Namespace(seed=0, sample_batch_size=2, sampling_steps=steps, eta=1.0)
+        alpha_bar = torch.cumprod(1 - latent.make_schedule("linear", 20)[0], 0).float()
+        latent.generate(counted, ae, 1.0, 2, [4, 7, 7], alpha_bar, args)
+        assert calls == [2] * steps
 
 
 # ---- the command line, end to end ----
@@ -122,11 +127,11 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path):
     assert Image.open(out / "reconstructions.png").size == (8 * 30 + 2, 8 * 30 + 2)  # 4 pairs of rows
     assert Image.open(out / "reverse.gif").n_frames > 10
 
-    # Sampling needs stage 2's checkpoint only: run it from elsewhere, with no data dir. The default is DDIM
-    # with min(200, T) steps at eta 1; --sampling-steps 0 is DDPM's Alg. 2.
+    # Sampling needs stage 2's checkpoint only: run it from elsewhere, with no data dir. S = T at eta 1 is
+    # DDPM's Alg. 2; every sampler says how many network evaluations it made.
     arrays = {}
-    for extra, name, said in (([], "default", "20 DDIM (eta 1) steps"), (["--sampling-steps", 0], "ddpm", "20 DDPM steps"),
-                              (["--sampling-steps", 5, "--eta", 0], "ddim", "5 DDIM (eta 0) steps")):
+    for extra, name, said in ((["--sampling-steps", 20], "ddpm", "20 steps, eta 1, 20 network evaluations"),
+                              (["--sampling-steps", 5, "--eta", 0], "ddim", "5 steps, eta 0, 5 network evaluations")):
         npz = tmp_path / name / "samples.npz"
         r = run_cli("--sample-only", "--ckpt", out / "ckpt.pt", "--out-dir", tmp_path / name, "--num-samples", 10,
                     "--npz", npz, "--device", "cpu", *extra, cwd=tmp_path)

@@ -49,7 +49,7 @@ def test_restore_runs_as_a_notebook(tiny_mnist, tmp_path):
                "--batch-size", "8", "--sample-batch-size", "4", "--num-samples", "4"])
     nb = jupytext.read(ROOT / "restore.py")
     assert nb.cells[-1].source.endswith('if __name__ == "__main__":\n    main()')
-    tiny = {"ckpt": str(tmp_path / "ddpm" / "ckpt.pt"), "data_dir": str(tiny_mnist), "num_images": 2, "steps": 3,
+    tiny = {"ckpt": str(tmp_path / "ddpm" / "ckpt.pt"), "data_dir": str(tiny_mnist), "num_images": 2, "restore_steps": 3,
             "device": "cpu"}
     nb.cells.insert(-1, nbformat.v4.new_code_cell(
         f"for name, value in {tiny!r}.items():\n    FLAGS[name] = (value, *FLAGS[name][1:])"))

@@ -21,7 +21,7 @@ TINY = ["--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1", "--t
 
 
 def alpha_bar_of(T=1000, dtype=torch.float64):
-    return torch.cumprod(1 - restore.make_betas("linear", T), 0).to(dtype)
+    return torch.cumprod(1 - restore.make_schedule("linear", T)[0], 0).to(dtype)
 
 
 class GaussianEps(nn.Module):
@@ -70,7 +70,7 @@ def test_sdedit_returns_the_exact_posterior_mean_of_gaussian_data(every):
 
 
 def test_a_posterior_step_between_neighbours_is_ddpms_alg_2():
-    betas = ddpm.make_betas("linear", 1000)  # float64: the two forms agree to rounding
+    betas = ddpm.make_schedule("linear", 1000)[0]  # float64: the two forms agree to rounding
     alpha_bar = torch.cumprod(1 - betas, 0)
     gen = torch.Generator().manual_seed(0)
     xt, eps, z = (torch.randn(6, 1, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
@@ -149,7 +149,7 @@ def tiny_ckpt(tiny_mnist, tmp_path_factory):
 
 def test_every_task_end_to_end(tiny_ckpt, tiny_mnist, tmp_path, capsys):
     results = restore.main(["--ckpt", str(tiny_ckpt), "--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path),
-                            "--num-images", "3", "--steps", "5", "--device", "cpu", "--resample", "2"])
+                            "--num-images", "3", "--restore-steps", "5", "--device", "cpu", "--resample", "2"])
     out = capsys.readouterr().out
     assert list(results) == list(restore.TASKS)
     for task in restore.TASKS:
@@ -163,7 +163,7 @@ def test_a_folder_of_images_and_one_task(tiny_ckpt, tmp_path, capsys):
     for i in range(2):
         Image.new("RGB", (40, 30), (40 * i, 200, 10)).save(tmp_path / "imgs" / f"{i}.png")
     results = restore.main(["--ckpt", str(tiny_ckpt), "--images", str(tmp_path / "imgs"), "--tasks",
-                            "superres,inpaint-left", "--scale", "2", "--steps", "4", "--out-dir", str(tmp_path / "o"),
+                            "superres,inpaint-left", "--scale", "2", "--restore-steps", "4", "--out-dir", str(tmp_path / "o"),
                             "--device", "cpu"])
     assert list(results) == ["superres", "inpaint-left"]
     assert Image.open(tmp_path / "o" / "superres.png").size == (2 * 30 + 2, 3 * 30 + 2)
@@ -179,14 +179,15 @@ def expect_usage_error(capsys, argv, message):
 
 def test_bad_input_ends_in_one_line(tiny_ckpt, tiny_mnist, tmp_path, capsys):
     base = ["--ckpt", tiny_ckpt, "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--device", "cpu"]
-    expect_usage_error(capsys, base + ["--sigma", "0"], "--sigma: must be positive, got 0")
-    expect_usage_error(capsys, base + ["--sigma", "-1"], "--sigma: must be positive, got -1")
-    expect_usage_error(capsys, base + ["--sigma", "nan"], "--sigma: must be positive, got nan")
+    expect_usage_error(capsys, base + ["--noise-std", "0"], "--noise-std: must be positive, got 0")
+    expect_usage_error(capsys, base + ["--noise-std", "-1"], "--noise-std: must be positive, got -1")
+    expect_usage_error(capsys, base + ["--noise-std", "nan"], "--noise-std: must be positive, got nan")
+    expect_usage_error(capsys, base + ["--noise-std", "1e39"], "--noise-std: must fit float32")
     expect_usage_error(capsys, base + ["--scale", "5"], "--scale 5 does not divide the model's 28x28 images")
     expect_usage_error(capsys, base + ["--scale", "1"], "pick a divisor of 28 and 28 above 1")
     expect_usage_error(capsys, base + ["--tasks", "deblur"], "--tasks: must be some of denoise,")
-    expect_usage_error(capsys, base + ["--steps", "21"], "--steps 21 is more than the model's T = 20")
-    expect_usage_error(capsys, base + ["--images", tmp_path / "none"], "no such dataset, or a folder with no images")
+    expect_usage_error(capsys, base + ["--restore-steps", "21"], "--restore-steps 21 is more than the model's T = 20")
+    expect_usage_error(capsys, base + ["--images", tmp_path / "none"], "neither a dataset (mnist,")
     expect_usage_error(capsys, ["--ckpt", tmp_path / "none.pt"], "no checkpoint at")
     conditional.main(["--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path / "c"), *TINY, "--sampling-steps", "2"])
     capsys.readouterr()
