@@ -4,13 +4,15 @@ OUT_DIR/NAME.json.
 
     python bench.py ddim-sweep --ckpt runs/ddpm/ckpt.pt           # S x eta, DDIM's Table 1 on MNIST
     python bench.py guidance-sweep --ckpt runs/conditional/ckpt.pt --sampling-steps 50   # w
-    python bench.py guidance-sweep --ckpt runs/conditional/ckpt.pt --sampling-steps 50 \
+    python bench.py guidance-sweep --ckpt runs/conditional/ckpt.pt --sampling-steps 50 \\
         --classifier runs/conditional/classifier.pt      # and classifier guidance beside it
     python bench.py reconstructions --ckpt runs/latent/ckpt.pt    # FID of latent.py's autoencoder
     python bench.py latent-vs-pixel --ckpt runs/latent/ckpt.pt --pixel-ckpt runs/ddpm/ckpt.pt
     python bench.py restoration --ckpt checkpoints/ddpm_mnist.pt --samples 500   # restore.py
+    python bench.py memory --device cpu     # sampling's peak memory, and the scripts' estimates
+    python bench.py plots     # samples/*.json and the loss log drawn as curves (matplotlib)
 """
-import argparse, json, sys, time
+import argparse, csv, json, multiprocessing, os, platform, statistics, time
 from pathlib import Path
 
 import torch
@@ -26,38 +28,49 @@ def load(script, path, device, scripts=None):
     scripts = scripts or (script.SCRIPT,)
     ckpt = script.load_checkpoint(Path(path), scripts, keys=("image_shape", "ema"))
     config = ckpt["config"]
-    betas64 = script.make_betas(config["schedule"], config["timesteps"])
-    return ckpt, config, torch.cumprod(1 - betas64, 0).float().to(device)
+    alpha_bar64 = script.make_schedule(config["schedule"], config["timesteps"])[1]
+    return ckpt, config, alpha_bar64.float().to(device)
 
 def score(images, config, args, labels=None):
     """evaluate.py's metrics of uint8 NCHW images, against the test split of the model's data."""
+    return evaluate.evaluate_images(images.permute(0, 2, 3, 1).numpy(), labels, config["dataset"],
+                                    args.data_dir, args.cache_dir, args.device, args.seed)
+
+def check_scored(config):
+    """Before any work: evaluate.py must know the model's dataset at its own size."""
     dataset, size = config["dataset"], config["image_size"]
     if dataset not in evaluate.DATASETS or size != evaluate.DATASETS[dataset][1][0]:
         raise evaluate.InputError(f"evaluate.py scores {', '.join(evaluate.DATASETS)} at their own "
                                   f"size; this model is of {dataset} at {size}")
-    return evaluate.evaluate_images(images.permute(0, 2, 3, 1).numpy(), labels, config["dataset"],
-                                    args.data_dir, args.cache_dir, args.device, args.seed)
 
 def timed(fn, device):
     """fn() and its wall time in seconds, the GPU synchronised."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync(), (t0 := time.perf_counter())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
     out = fn()
-    sync()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return out, time.perf_counter() - t0
 
 def ddim_sweep(args, device):
     """For each eta and S: sample --samples images with ddim.py from a ddim.py or ddpm.py
     checkpoint, time them and score them (DDIM Table 1 on this model)."""
     ckpt, config, alpha_bar = load(ddim, args.ckpt, device, ("ddim", "ddpm"))
+    check_scored(config)
+    T = len(alpha_bar)
+    steps = args.ddim_steps or [S for S in DDIM_STEPS if S <= T]  # the defaults that fit T
+    if max(steps) > T:
+        raise ValueError(f"--ddim-steps {max(steps)} is more than the model's T = {T}")
     shape, model = ckpt["image_shape"], ddim.build_model(config, ckpt["image_shape"][0])
     model.to(device).load_state_dict(ckpt["ema"])
     rows = []
     for eta in DDIM_ETAS:
-        for S in [S for S in args.ddim_steps if S <= len(alpha_bar)]:
-            taus = ddim.sampling_timesteps(len(alpha_bar), S, args.spacing)
-            sample = lambda: ddim.generate(model, args.samples, shape, alpha_bar, taus, eta,
-                                           args.seed, args.batch_size)
+        for S in steps:
+            taus = ddim.sampling_timesteps(T, S, args.spacing)
+            def sample():
+                return ddim.generate(model, args.samples, shape, alpha_bar, taus, eta, args.seed,
+                                     args.sample_batch_size)
             (images, _), secs = timed(sample, device)
             rows.append({"S": S, "eta": eta, **metrics(score(images, config, args)),
                          "seconds": secs, "img_s": args.samples / secs})
@@ -70,20 +83,36 @@ def guidance_sweep(args, device):
     Table 1); with --classifier, then for each s of --scales the same with classifier guidance.
     Both rows' s is the power of p(y | x_t) that the guided noise samples (s = 1 + w for CFG)."""
     ckpt, config, alpha_bar = load(conditional, args.ckpt, device)
+    check_scored(config)
+    if args.sampling_steps > len(alpha_bar):
+        raise ValueError(f"--sampling-steps {args.sampling_steps} is more than the model's T = "
+                         f"{len(alpha_bar)}")
+    if args.classifier and not Path(args.classifier).is_file():
+        raise ValueError(f"--classifier {args.classifier}: no such file; train one with "
+                         "conditional.py --train-classifier")
+    classifier = None
+    if args.classifier:
+        classifier = conditional.load_classifier(Path(args.classifier), ckpt["image_shape"],
+                                                 ckpt["classes"], config, device)
+    runs = [("free", w, 1 + w) for w in args.ws]
+    if classifier:
+        runs += [("classifier", None, s) for s in args.scales]
+    if not runs:
+        raise ValueError("nothing to sweep: --ws '' needs a --classifier")
     model = conditional.build_model(config, ckpt["image_shape"][0], len(ckpt["classes"]))
     model.to(device).load_state_dict(ckpt["ema"])
     labels, rows = conditional.cycle_labels(args.samples, len(ckpt["classes"])), []
-    classifier = args.classifier and conditional.load_classifier(
-        Path(args.classifier), ckpt["image_shape"], ckpt["classes"], config, device)
-    runs = [("free", w, 1 + w) for w in args.ws]
-    runs += [("classifier", None, s) for s in args.scales] if classifier else []
     for mode, w, s in runs:
-        (images, _), secs = timed(lambda: conditional.generate(
-            model, labels, s if w is None else w, ckpt["image_shape"], alpha_bar, args.seed,
-            args.batch_size, args.sampling_steps, classifier=w is None and classifier), device)
+        def sample():
+            return conditional.generate(
+                model, labels, s if w is None else w, ckpt["image_shape"], alpha_bar, args.seed,
+                args.sample_batch_size, args.sampling_steps, args.eta,
+                classifier=classifier if w is None else None)
+        (images, _), secs = timed(sample, device)
         r = score(images, config, args, labels.numpy())
-        rows.append({"guidance": mode, "w": w, "s": s, **metrics(r), "accuracy": r["accuracy"],
-                     "seconds": secs, "img_s": args.samples / secs})
+        rows.append({"guidance": mode, "w": w, "s": s, "S": args.sampling_steps, "eta": args.eta,
+                     **metrics(r), "accuracy": r["accuracy"], "seconds": secs,
+                     "img_s": args.samples / secs})
         print(row_text(rows[-1]), flush=True)
     return rows
 
@@ -92,16 +121,20 @@ def reconstructions(args, device):
     in stage 2's checkpoint, or stage 1's ae.pt), against the floor of real images."""
     ckpt = latent.load_checkpoint(Path(args.ckpt), keys=("image_shape",))
     config, key = ckpt["config"], "ae" if ckpt.get("stage") == "diffusion" else "ema"
+    check_scored(config)
     ae = latent.Autoencoder(ckpt["image_shape"][0], config["ae_channels"],
                             config["latent_channels"])
     ae.load_state_dict(ckpt[key])
     data = latent.load_images(config["dataset"], args.data_dir, config["image_size"])[0]
     gen = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data), generator=gen)[:args.samples]
-    rebuild = lambda x: ae.decode(ae.encode(x.to(device).float() / 127.5 - 1)[0])  # posterior mean
+    rec = []
     with torch.no_grad():
         ae.to(device)
-        rec = torch.cat([latent.to_uint8(rebuild(data[i])) for i in idx.split(args.batch_size)])
+        for i in idx.split(args.sample_batch_size):
+            x = data[i].to(device).float() / 127.5 - 1
+            rec.append(latent.to_uint8(ae.decode(ae.encode(x)[0])))  # the posterior mean
+    rec = torch.cat(rec)
     mse = ((rec.float() - data[idx].float()) / 255).pow(2).mean().item()
     r = score(rec, config, args)
     return [{"images": len(idx), "mse": mse, **metrics(r), "floor_fid": r["floor_fid"],
@@ -110,7 +143,7 @@ def reconstructions(args, device):
 def latent_vs_pixel(args, device, reps=5):
     """Time latent.py's two stages and ddpm.py's U-Net on this machine, each with the step counts
     and batch sizes of its checkpoint: reps training steps each (after one untimed), and their
-    sampling passes (at --batch-size), extrapolated to whole runs and to --samples samples."""
+    sampling passes (at --sample-batch-size), extrapolated to whole runs and --samples samples."""
     rows = []
     for script, path in ((latent, args.ckpt), (ddpm, args.pixel_ckpt)):
         ckpt = script.load_checkpoint(Path(path), keys=("image_shape",))
@@ -133,18 +166,24 @@ def latent_vs_pixel(args, device, reps=5):
                 opt.zero_grad()
                 (y.float() - x).pow(2).mean().backward()
                 opt.step()
+            def steps_in_a_row():
+                for _ in range(reps):
+                    step()
             step()
-            _, secs = timed(lambda: [step() for _ in range(reps)], device)
+            _, secs = timed(steps_in_a_row, device)
             rate = reps * batch / secs
             rows.append({"script": script.SCRIPT, "part": f"train {name}", "steps": steps,
                          "batch": batch, "img_s": rate, "minutes": steps * batch / rate / 60})
         S = latent.DDIM_STEPS if script is latent else config["timesteps"]  # each one's own sampler
-        x = torch.randn((args.batch_size, *shape), device=device)
-        t = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+        x = torch.randn((args.sample_batch_size, *shape), device=device)
+        t = torch.zeros(args.sample_batch_size, dtype=torch.long, device=device)
+        def passes():
+            for _ in range(reps):
+                unet(x, t)
         with torch.no_grad():
             unet(x, t)
-            _, secs = timed(lambda: [unet(x, t) for _ in range(reps)], device)
-        rate = reps * args.batch_size / secs / S
+            _, secs = timed(passes, device)
+        rate = reps * args.sample_batch_size / secs / S
         rows.append({"script": script.SCRIPT, "part": f"sample, {S} passes", "img_s": rate,
                      "minutes": args.samples / rate / 60})
     for r in rows:
@@ -156,7 +195,15 @@ def restoration(args, device):
     ddpm.py checkpoint; PSNR against the clean images and evaluate.py's FID against the test
     split, of the restored images and of the task's naive baseline (and of the clean ones)."""
     ckpt, config, alpha_bar = load(restore, args.ckpt, device, ("ddpm", "ddim"))
-    model = restore.build_model(config, ckpt["image_shape"][0]).to(device)
+    check_scored(config)
+    C, H, W = ckpt["image_shape"]
+    if "superres" in args.tasks and (H % args.scale or W % args.scale or args.scale < 2):
+        raise ValueError(f"--scale {args.scale} does not divide the model's {H}x{W} images into "
+                         f"blocks: pick a divisor of {H} and {W} above 1")
+    if args.restore_steps > len(alpha_bar):
+        raise ValueError(f"--restore-steps {args.restore_steps} is more than the model's T = "
+                         f"{len(alpha_bar)}")
+    model = restore.build_model(config, C).to(device)
     model.load_state_dict(ckpt["ema"])
     images = restore.load_test_images(config["dataset"], args.data_dir, args.samples,
                                       ckpt["image_shape"])
@@ -164,14 +211,200 @@ def restoration(args, device):
     rows = [{"task": "none", "images": "clean", "psnr": None, **metrics(clean), "seconds": 0}]
     print(row_text(rows[-1]), flush=True)
     for task in args.tasks:
-        (_, baseline, restored), secs = timed(lambda: restore.run_task(
-            model.eval(), images, task, alpha_bar, args.sigma, args.scale, args.restore_steps,
-            args.resample, args.seed, args.batch_size), device)
+        def run():
+            return restore.run_task(model.eval(), images, task, alpha_bar, args.noise_std,
+                                    args.scale, args.restore_steps, args.resample, args.seed,
+                                    args.sample_batch_size)
+        (_, baseline, restored), secs = timed(run, device)
         for name, out in (("restored", restored), ("baseline", baseline)):
             rows.append({"task": task, "images": name, "psnr": restore.psnr(out, images),
-                         **metrics(score(out, config, args)), "seconds": secs * (name != "baseline")})
+                         **metrics(score(out, config, args)),
+                         "seconds": secs if name == "restored" else 0})
             print(row_text(rows[-1]), flush=True)
     return rows
+
+def memory_probe(script, column, batch, queue):
+    """In a fresh process: the growth of peak resident memory (Linux's VmHWM) over one sampling
+    call of two steps at a batch, for a script's U-Net at its CUDA or CPU column of FLAGS."""
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    module = {"ddpm": ddpm, "conditional": conditional, "latent": latent}[script]
+    config = {k: v[0][column] if type(v[0]) is tuple else v[0] for k, v in module.FLAGS.items()}
+    shape, alpha_bar = [1, 28, 28], torch.tensor([0.99, 0.01])
+    with torch.no_grad():
+        if script == "latent":
+            ae = latent.Autoencoder(1, config["ae_channels"], config["latent_channels"])
+            model = latent.build_model(config, config["latent_channels"])
+            z = torch.randn(batch, config["latent_channels"], 7, 7)
+            before = status("VmRSS")
+            z = latent.ddim_sample_loop(model, z, alpha_bar, torch.tensor([0, 1]), clip_x0=False)[0]
+            latent.decode(ae, z, 1.0)
+        elif script == "conditional":
+            model = conditional.build_model(config, 1, 10)
+            before = status("VmRSS")
+            conditional.generate(model, torch.arange(batch) % 10, 1.0, shape, alpha_bar, 0, batch,
+                                 2, 0.0)
+        else:
+            model = ddpm.build_model(config, 1)
+            before = status("VmRSS")
+            ddpm.p_sample_loop(model, (batch, *shape), torch.tensor([0.01, 0.5]), alpha_bar)
+    estimate = ddpm.sampling_bytes(batch, shape, config["base_channels"])
+    if script == "conditional":  # CFG doubles the batch
+        estimate = conditional.sampling_bytes(2 * batch, shape, config["base_channels"])
+    if script == "latent":
+        estimate = latent.decoding_bytes(batch, shape, config["ae_channels"])
+    queue.put({"script": script, "column": ("cuda", "cpu")[column], "batch": batch,
+               "measured": status("VmHWM") - before, "estimate": estimate})
+
+def memory(args, device):
+    """memory_probe for each script, column and batch of 64, 256 and 1,000 (a CPU and Linux only):
+    the measurements that the scripts' sampling_bytes and decoding_bytes are fitted to."""
+    if device.type != "cpu" or not Path("/proc/self/status").exists():
+        raise ValueError("memory measures a CPU's resident memory on Linux: pass --device cpu")
+    spawn, rows = multiprocessing.get_context("spawn"), []
+    for script in ("ddpm", "conditional", "latent"):
+        for column in (0, 1):
+            for batch in (64, 256, 1000):
+                queue = spawn.Queue()
+                child = spawn.Process(target=memory_probe, args=(script, column, batch, queue))
+                child.start()
+                row = queue.get()
+                child.join()
+                rows.append(row | {"ratio": row["measured"] / row["estimate"]})
+                print(row_text(rows[-1]), flush=True)
+    return rows
+
+# ---- plots: the committed result files drawn as curves, with no checkpoint and no scoring ----
+
+def figure(panels, title, caption):
+    """Panels side by side, captioned below; a Figure draws with Agg: no pyplot, no window."""
+    from matplotlib.figure import Figure  # only the plots need matplotlib
+    fig = Figure(figsize=(6.4 * panels, 5.2), layout="constrained")
+    fig.suptitle(title)
+    fig.supxlabel(caption, fontsize=8)
+    return fig, fig.subplots(1, panels, squeeze=False)[0]
+
+def legend(ax, ncols=1):  # above the panel, under the title, where it hides no data
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.02), ncols=ncols, fontsize=8)
+
+def read_result(path):
+    result = json.loads(path.read_text())
+    return result, f"{result['samples']} samples per point; {result['hardware']}"
+
+def plot_ddim(path):
+    """(a) FID against S for each eta and model, and the reference samplers as lines."""
+    result, caption = read_result(path)
+    fig, (ax,) = figure(1, "DDIM on MNIST: FID against sampling steps", caption)
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))  # in the file's order
+    for i, model in enumerate(models):
+        for eta, style in zip(DDIM_ETAS, ("-o", "--s")):
+            rows = [r for r in result["rows"] if r["model"] == model and r["eta"] == eta]
+            ax.plot([r["S"] for r in rows], [r["fid"] for r in rows], style, color=f"C{i}",
+                    label=f"{model}, eta = {eta:g}")
+    for ref in result.get("reference", []):
+        ax.axhline(ref["fid"], color=f"C{models.index(ref['model'])}", linestyle=":",
+                   label=f"{ref['model']}: {ref['sampler']}")
+    steps = sorted({r["S"] for r in result["rows"]})
+    ax.set_xscale("log")
+    ax.set_xticks(steps, [str(S) for S in steps])
+    ax.set_xlabel("S, sampling steps (network evaluations per image, log scale)")
+    ax.set_ylabel("FID against the MNIST test split (lower is better)")
+    legend(ax)
+    return fig
+
+def plot_guidance(path):
+    """(b) FID and class accuracy against guidance strength, both guidances on one axis: s, the
+    power of p(y | x_t) the guided noise samples, which is 1 + w for CFG."""
+    result, caption = read_result(path)
+    fig, axes = figure(2, "Guidance on MNIST: CFG against classifier guidance", caption)
+    runs = (("free", "-o", "classifier-free guidance (CFG), w = s - 1"),
+            ("classifier", "--s", "classifier guidance"))
+    for mode, style, label in runs:
+        rows = [r for r in result["rows"] if r["guidance"] == mode]
+        for ax, key in zip(axes, ("fid", "accuracy")):
+            ax.plot([r["s"] for r in rows], [r[key] for r in rows], style, label=label)
+    axes[0].set_ylabel("FID against the MNIST test split (lower is better)")
+    axes[1].set_ylabel("class accuracy (fraction of samples classified as their label)")
+    strengths = sorted({r["s"] for r in result["rows"]})
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(strengths, [f"{s:g}" for s in strengths])
+        ax.set_xlabel("guidance strength s, the power of p(y | x_t) (log scale; for CFG s = 1 + w)")
+    legend(axes[0])
+    return fig
+
+def plot_loss(path):
+    """(c) The training loop's log.csv: loss against steps. A CSV names no machine, so the caption
+    takes it from a JSON beside it (the same name, .json) where there is one."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    hardware = "hardware not recorded"
+    if path.with_suffix(".json").is_file():
+        hardware = json.loads(path.with_suffix(".json").read_text())["hardware"]
+    img_s = statistics.median(float(r["img_s"]) for r in rows)
+    caption = f"{path.name}: {len(rows)} log lines, median {img_s:.0f} img/s; {hardware}"
+    fig, (ax,) = figure(1, "ddpm.py: training loss against steps", caption)
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter("{x:g}")  # plain numbers, not powers of ten
+    ax.yaxis.set_minor_formatter("{x:g}")
+    ax.set_xlabel("training step (one batch each)")
+    ax.set_ylabel("loss: mean squared error of eps_theta (log scale)")
+    return fig
+
+def plot_restoration(path):
+    """(d) PSNR and FID per task, of the naive baseline on what is observed and of the restored."""
+    result, caption = read_result(path)
+    fig, axes = figure(2, "restore.py on MNIST: observed against restored", caption)
+    rows = [r for r in result["rows"] if r["images"] != "clean"]
+    # bench.py's rows have no resample; the README's extra row of RePaint's resampling has 3
+    tasks = list(dict.fromkeys((r["task"], r.get("resample", 1)) for r in rows))
+    bars = (("baseline", "observed (naive baseline)"), ("restored", "restored"))
+    for n, (images, label) in enumerate(bars):
+        found = {(r["task"], r.get("resample", 1)): r for r in rows if r["images"] == images}
+        for ax, key in zip(axes, ("psnr", "fid")):
+            x = [i - 0.2 + 0.4 * n for i in range(len(tasks))]
+            drawn = ax.bar(x, [found[t][key] for t in tasks], width=0.4, label=label)
+            ax.bar_label(drawn, fmt="%.3g", fontsize=7)
+    for r in result["rows"]:
+        if r["images"] == "clean":
+            axes[1].axhline(r["fid"], color="k", linestyle=":", label="clean images (the floor)")
+    axes[0].set_ylabel("PSNR against the clean images (dB)\nhigher is better")
+    axes[1].set_ylabel("FID against the MNIST test split (log scale)\nlower is better")
+    axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter("{x:g}")
+    names = [task if resample == 1 else f"{task}\nresample {resample}" for task, resample in tasks]
+    for ax in axes:
+        ax.set_xticks(range(len(tasks)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_xlabel("task")
+        ax.margins(y=0.1)
+    legend(axes[1], ncols=3)
+    return fig
+
+# Each plot: its picture, the function that draws it, and the result file it reads.
+PLOTS = {"plot_ddim_fid.png": (plot_ddim, "ddim_sweep_cpu.json"),
+         "plot_guidance.png": (plot_guidance, "guidance_sweep_cpu.json"),
+         "plot_training_loss.png": (plot_loss, "ddpm_mnist_cpu_log.csv"),
+         "plot_restoration.png": (plot_restoration, "restoration_cpu.json")}
+
+def plots(results, out):
+    """Each of PLOTS from its file in results to out, written whole (a temporary file, renamed);
+    one line for each skipped because its file is missing."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (draw, source) in PLOTS.items():
+        path = results / source
+        if not path.is_file():
+            print(f"plots: skipped {name}: no {path}")
+            continue
+        try:
+            fig = draw(path)
+        except (KeyError, ValueError) as e:  # a hand-written file's mistake, in one line
+            raise ValueError(f"{path}: cannot draw {name}: {type(e).__name__} {e}")
+        tmp = out / f"{name}.{os.getpid()}.tmp"
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, out / name)
+        print(f"plots: {out / name}")
 
 def metrics(r):
     return {k: r[k] for k in ("fid", "kid", "kid_std", "precision", "recall")}
@@ -180,59 +413,106 @@ def row_text(r):
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
 
 SWEEPS = {"ddim-sweep": ddim_sweep, "guidance-sweep": guidance_sweep, "restoration": restoration,
-          "reconstructions": reconstructions, "latent-vs-pixel": latent_vs_pixel}
+          "reconstructions": reconstructions, "latent-vs-pixel": latent_vs_pixel, "memory": memory}
 
-def main(argv=None):
+def listed(kind, choices=None):
+    """An argparse type= for a comma-separated list, each item checked by kind (a validator of the
+    scripts') or one of choices; '' is the empty list."""
+    def parse(text):
+        items = [item for item in text.split(",") if item]
+        if choices:
+            bad = [item for item in items if item not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"{bad[0]} is not one of {','.join(choices)}")
+            return items
+        return [kind(item) for item in items]
+    return parse
+
+def write_atomically(path, text):  # a temporary file, renamed: no write leaves a broken file
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+def build_parser():
     p = argparse.ArgumentParser("bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: p.exit(2, f"bench.py: error: {message}\n")
-    p.add_argument("sweep", choices=SWEEPS)
-    p.add_argument("--ckpt", required=True, help="the checkpoint to measure")
+    p.error = lambda message: p.exit(2, f"bench.py: error: {message}\n")  # one line, no usage
+    positive, scale = ddpm.POSITIVE, ddpm.valid(float, lambda v: v >= 0, "non-negative")
+    p.add_argument("sweep", choices=[*SWEEPS, "plots"])
+    p.add_argument("--ckpt", help="the checkpoint to measure (all sweeps but memory)")
     p.add_argument("--pixel-ckpt", help="latent-vs-pixel: a ddpm.py checkpoint")
-    p.add_argument("--samples", type=int, default=1000, help="images per setting (FID: >= 129)")
-    p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch")
-    p.add_argument("--sampling-steps", type=int, help="guidance-sweep: DDIM steps (default: DDPM)")
-    p.add_argument("--ws", type=lambda v: [float(w) for w in v.split(",") if w], default=GUIDANCE,
+    p.add_argument("--samples", type=positive, default=1000,
+                   help="images per setting (FID: >= 129)")
+    p.add_argument("--sample-batch-size", type=positive, default=250,
+                   help="images per sampling batch")
+    p.add_argument("--sampling-steps", type=positive, default=50,
+                   help="guidance-sweep: S, the steps of the sampler's time grid (default: 50)")
+    p.add_argument("--eta", type=ddpm.valid(float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                   default=conditional.FLAGS["eta"][0],
+                   help="guidance-sweep: the sampler's noise (default: conditional.py's)")
+    p.add_argument("--ws", type=listed(scale), default=GUIDANCE,
                    help="guidance-sweep: CFG's w (default: 0,0.5,1,2,4; '' for none)")
-    p.add_argument("--classifier", help="guidance-sweep: also classifier guidance by this classifier")
-    p.add_argument("--scales", type=lambda v: [float(s) for s in v.split(",")],
-                   default=CLASSIFIER_SCALES, help="guidance-sweep: the classifier's s (1,2,4,8)")
-    p.add_argument("--ddim-steps", type=lambda v: [int(S) for S in v.split(",")],
-                   default=DDIM_STEPS, help="ddim-sweep: the S, like 10,20 (default: 10,...,1000)")
+    p.add_argument("--classifier", help="guidance-sweep: also classifier guidance by this one")
+    p.add_argument("--scales", type=listed(scale), default=CLASSIFIER_SCALES,
+                   help="guidance-sweep: the classifier's s (default: 1,2,4,8)")
+    p.add_argument("--ddim-steps", type=listed(positive),
+                   help="ddim-sweep: the S, like 10,20 (default: those of 10,20,50,100,1000 <= T)")
     p.add_argument("--spacing", choices=("uniform", "quadratic"), default="uniform",
                    help="ddim-sweep: the spacing of its steps")
-    p.add_argument("--tasks", type=lambda v: v.split(","), default=restore.TASKS,
+    p.add_argument("--tasks", type=listed(None, restore.TASKS), default=list(restore.TASKS),
                    help="restoration: restore.py's tasks (default: all)")
-    p.add_argument("--sigma", type=float, default=0.5, help="restoration: the denoising noise std")
-    p.add_argument("--scale", type=int, default=4, help="restoration: super-resolution factor")
-    p.add_argument("--restore-steps", type=int, default=250, help="restoration: reverse steps")
-    p.add_argument("--resample", type=int, default=1, help="restoration: RePaint's resamplings")
-    p.add_argument("--seed", type=int, default=0, help="seeds samples, classifier, floor")
+    p.add_argument("--noise-std", type=ddpm.REAL, default=0.5,
+                   help="restoration: the std of the denoising task's noise")
+    p.add_argument("--scale", type=positive, default=4, help="restoration: super-resolution factor")
+    p.add_argument("--restore-steps", type=positive, default=250,
+                   help="restoration: reverse steps")
+    p.add_argument("--resample", type=positive, default=1,
+                   help="restoration: RePaint's resamplings")
+    p.add_argument("--seed", type=ddpm.FLAGS["seed"][1], default=0,
+                   help="seeds samples, classifier, floor")
     p.add_argument("--data-dir", default="data", help="where evaluate.py finds the dataset")
     p.add_argument("--cache-dir", default="runs/evaluate", help="evaluate.py's classifier cache")
-    p.add_argument("--out-dir", default="runs/bench", help="NAME.txt and NAME.json go here")
+    p.add_argument("--out-dir", help="NAME.txt and NAME.json go here (default: runs/bench; "
+                   "plots: samples, their PNGs)")
+    p.add_argument("--results-dir", default="samples", help="plots: where the result files are")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
-    args = p.parse_args(argv)
-    try:
+    return p
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sweep == "plots":  # pictures of results measured before: no checkpoint, no scoring
+        try:
+            return plots(Path(args.results_dir), Path(args.out_dir or "samples"))
+        except ValueError as e:
+            parser.error(str(e))
+    out = Path(args.out_dir or "runs/bench")
+    try:  # each mistake ends here in one line: before any work, or found before the sweep's work
+        if args.sweep != "memory" and not args.ckpt:
+            raise ValueError(f"{args.sweep} needs --ckpt, the checkpoint to measure")
         if args.sweep == "latent-vs-pixel" and not args.pixel_ckpt:
             raise ValueError("latent-vs-pixel needs --pixel-ckpt, a ddpm.py checkpoint")
-        if args.samples < evaluate.MIN_SAMPLES and args.sweep != "latent-vs-pixel":
+        if args.samples < evaluate.MIN_SAMPLES and args.sweep not in ("latent-vs-pixel", "memory"):
             raise ValueError(f"--samples {args.samples}: evaluate.py needs at least "
                              f"{evaluate.MIN_SAMPLES}")
+        if args.sweep == "restoration" and not args.tasks:
+            raise ValueError("--tasks '': name at least one task")
         device = ddpm.setup_device(args.device)
         args.device = device.type
+        json_path, txt_path = out / f"{args.sweep}.json", out / f"{args.sweep}.txt"
+        lock = ddpm.claim_outputs(out, json_path, txt_path)  # held until the end
         rows = SWEEPS[args.sweep](args, device)
     except (FileNotFoundError, ValueError) as e:  # evaluate.InputError is a ValueError
-        p.error(str(e))
+        parser.error(str(e))
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     about = {"sweep": args.sweep, "ckpt": args.ckpt, "samples": args.samples,
-             "device": f"{device}{gpu}"}
-    (out / f"{args.sweep}.json").write_text(json.dumps(about | {"rows": rows}, indent=1))
-    (out / f"{args.sweep}.txt").write_text("\n".join(map(row_text, rows)) + f"\n{args.samples} "
-                                           f"samples per row, {device}{gpu}, {args.ckpt}\n")
-    print(f"{args.sweep}: {out}/{args.sweep}.txt and .json")
+             "device": f"{device}{gpu}", "hardware": f"{device}{gpu}, {os.cpu_count()} CPU cores "
+             f"({platform.machine()}), PyTorch {torch.__version__}"}  # the plots' captions
+    write_atomically(json_path, json.dumps(about | {"rows": rows}, indent=1))
+    text = "\n".join(map(row_text, rows))
+    footer = f"{args.samples} samples per row, {device}{gpu}, {args.ckpt}"
+    write_atomically(txt_path, f"{text}\n{footer}\n")
+    print(f"{args.sweep}: {txt_path} and .json")
     return rows
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ def ckpts(tiny_mnist, tmp_path_factory):
     conditional.main([*common, "--out-dir", str(out / "conditional"), "--sampling-steps", "2"])
     conditional.main([*common, "--out-dir", str(out / "conditional"), "--train-classifier"])
     latent.main([*common, "--out-dir", str(out / "latent"), "--ae-channels", "8", "--ae-batch-size", "8",
-                 "--ae-steps", "3"])
+                 "--ae-steps", "3", "--sampling-steps", "10"])
     return out
 
 
 def run(capsys, tiny_mnist, tmp_path, *argv):
-    rows = bench.main([*map(str, argv), "--samples", "130", "--batch-size", "130", "--data-dir", str(tiny_mnist),
+    rows = bench.main([*map(str, argv), "--samples", "130", "--sample-batch-size", "130", "--data-dir", str(tiny_mnist),
                        "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path), "--device", "cpu"])
     capsys.readouterr()
     return rows
