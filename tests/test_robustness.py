@@ -13,10 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+import bench
 import conditional
 import ddim
 import ddpm
+import evaluate
 import latent
+import restore
 from conftest import ROOT
 
 TINY = ["--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20",
@@ -121,7 +124,7 @@ def test_temporary_files_are_per_process(tmp_path, monkeypatch):
     ("ddpm.py", "--lr", "nan", "--lr: must be positive, got nan"),
     ("ddpm.py", "--grad-clip", "nan", "--grad-clip: must be non-negative, got nan"),
     ("ddpm.py", "--ema-decay", "inf", "--ema-decay: must be in [0, 1), got inf"),
-    ("ddim.py", "--eta", "nan", "--eta: must be non-negative, got nan"),
+    ("ddim.py", "--eta", "nan", "--eta: must be in [0, 1], got nan"),
     ("conditional.py", "--guidance", "inf", "--guidance: must be non-negative"),
     ("latent.py", "--kl-weight", "nan", "--kl-weight: must be non-negative, got nan"),
 ])
@@ -218,13 +221,11 @@ def test_the_first_signal_stops_at_the_next_step_and_a_second_at_once(tmp_path, 
 
 # ---- 9. smaller: hand-edited checkpoints, resume checks, flags that were ignored ----
 
-@pytest.mark.parametrize("edit", ["no schedule", "config a string", "T = 0"])
+@pytest.mark.parametrize("edit", ["config a string", "T = 0"])
 def test_hand_edited_checkpoints_end_in_one_line(capsys, tiny_mnist, tmp_path, edit):
     ddpm.main(["--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path), *TINY, "--steps", "2"])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    if edit == "no schedule":
-        del ckpt["config"]["schedule"]
-    elif edit == "config a string":
+    if edit == "config a string":
         ckpt["config"] = "oops"
     else:
         ckpt["config"]["timesteps"] = 0
@@ -262,3 +263,191 @@ def test_an_empty_class_folder_is_refused(capsys, tmp_path):
     (tmp_path / "imgs" / "b").mkdir()
     expect_usage_error(conditional, capsys, ["--dataset", tmp_path / "imgs", "--out-dir", tmp_path / "o", *TINY],
                        "the class folder b holds no images")
+
+
+# ---- 10. bench.py and restore.py (issue 34): each mistake refused in one line, before any work ----
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_mnist, tmp_path_factory):
+    """A tiny ddpm.py and a tiny conditional.py checkpoint (and evaluate.py's cache, were anything scored)."""
+    out = tmp_path_factory.mktemp("ckpts")
+    common = ["--data-dir", str(tiny_mnist), *TINY, "--steps", "2"]
+    ddpm.main([*common, "--out-dir", str(out / "ddpm")])
+    conditional.main([*common, "--out-dir", str(out / "conditional"), "--sampling-steps", "2"])
+    return out
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Sampling, restoring or scoring fails the test: the error must come before any of them."""
+    def work(*args, **kwargs):
+        raise AssertionError("work was done before the error")
+    for module, name in ((ddim, "generate"), (conditional, "generate"), (restore, "run_task"),
+                         (evaluate, "evaluate_images")):
+        monkeypatch.setattr(module, name, work)
+
+
+def bench_argv(ckpts, tiny_mnist, out, sweep, *flags):
+    """bench.py's argv for a sweep on the tiny checkpoint it takes."""
+    ckpt = ckpts / "ddpm" / "ckpt.pt"
+    if sweep == "guidance-sweep":
+        ckpt, flags = ckpts / "conditional" / "ckpt.pt", ["--sampling-steps", 2, *flags]  # S <= T = 20
+    return [sweep, "--ckpt", ckpt, *flags, "--samples", 130, "--data-dir", tiny_mnist, "--cache-dir",
+            ckpts / "cache", "--out-dir", out, "--device", "cpu"]
+
+
+def restore_argv(ckpt, tiny_mnist, out, *flags):
+    return ["--ckpt", ckpt, "--data-dir", tiny_mnist, "--out-dir", out, "--device", "cpu", "--tasks", "denoise",
+            "--num-images", 2, *flags]
+
+
+@pytest.mark.parametrize("module", [conditional, restore, bench])
+def test_a_finite_flag_that_overflows_float32_is_refused_not_sampled_to_zeros(capsys, ckpts, tiny_mnist,
+                                                                              tmp_path, no_work, module):
+    if module is conditional:
+        argv = ["--sample-only", "--ckpt", ckpts / "conditional" / "ckpt.pt", "--guidance", "1e39", "--npz",
+                tmp_path / "a.npz", "--num-samples", 4, "--sampling-steps", 2, "--device", "cpu", "--out-dir",
+                tmp_path]
+        flag = "--guidance"
+    elif module is restore:
+        argv = restore_argv(ckpts / "ddpm" / "ckpt.pt", tiny_mnist, tmp_path, "--noise-std", "1e39")
+        flag = "--noise-std"
+    else:
+        argv = bench_argv(ckpts, tiny_mnist, tmp_path, "guidance-sweep", "--ws", "1e39")
+        flag = "--ws"
+    expect_usage_error(module, capsys, argv, f"{flag}: must fit float32 (at most 3.4e38), got 1e39")
+    assert not (tmp_path / "a.npz").exists() and not (tmp_path / "denoise.png").exists()
+
+
+def test_restore_refuses_a_folder_where_a_picture_goes_before_restoring(capsys, ckpts, tiny_mnist, tmp_path,
+                                                                         no_work):
+    (tmp_path / "denoise.png").mkdir()
+    expect_usage_error(restore, capsys, restore_argv(ckpts / "ddpm" / "ckpt.pt", tiny_mnist, tmp_path),
+                       "denoise.png: it is a folder")
+
+
+@pytest.mark.parametrize("blocked", ["out-dir under a file", "result a folder"])
+def test_bench_refuses_outputs_it_cannot_write_before_the_sweep(capsys, ckpts, tiny_mnist, tmp_path, no_work,
+                                                                blocked):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "sub"
+    if blocked == "result a folder":
+        out = tmp_path / "o"
+        (out / "ddim-sweep.json").mkdir(parents=True)
+    expect_usage_error(bench, capsys, bench_argv(ckpts, tiny_mnist, out, "ddim-sweep", "--ddim-steps", 1),
+                       "cannot write")
+    assert (tmp_path / "afile").read_text() == "" and not list(tmp_path.rglob("ddim-sweep.txt"))
+
+
+@pytest.mark.parametrize("sweep,flags,message", [
+    ("ddim-sweep", ["--ddim-steps", -5], "--ddim-steps: must be positive, got -5"),
+    ("guidance-sweep", ["--sampling-steps", 5000], "--sampling-steps 5000 is more than the model's T = 20"),
+    ("restoration", ["--tasks", "foo"], "foo is not one of denoise,"),
+    ("restoration", ["--tasks", "denoise,superres", "--scale", 3], "--scale 3 does not divide the model's 28x28"),
+])
+def test_bench_flags_that_ended_in_tracebacks_are_refused_before_work(capsys, ckpts, tiny_mnist, tmp_path, no_work,
+                                                                      sweep, flags, message):
+    expect_usage_error(bench, capsys, bench_argv(ckpts, tiny_mnist, tmp_path, sweep, *flags), message)
+    assert not list(tmp_path.glob(f"{sweep}.*"))
+
+
+@pytest.mark.parametrize("sweep,flags,message", [
+    ("ddim-sweep", ["--ddim-steps", 2000], "--ddim-steps 2000 is more than the model's T = 20"),
+    ("guidance-sweep", ["--ws", ""], "nothing to sweep: --ws '' needs a --classifier"),
+    ("guidance-sweep", ["--ws", "nan"], "--ws: must be non-negative, got nan"),
+    ("restoration", ["--noise-std", "nan"], "--noise-std: must be positive, got nan"),
+    ("restoration", ["--resample", 0], "--resample: must be positive, got 0"),
+])
+def test_bench_with_nothing_to_do_or_nonsense_keeps_the_earlier_results(capsys, ckpts, tiny_mnist, tmp_path,
+                                                                        no_work, sweep, flags, message):
+    (tmp_path / f"{sweep}.json").write_text("earlier results")
+    expect_usage_error(bench, capsys, bench_argv(ckpts, tiny_mnist, tmp_path, sweep, *flags), message)
+    assert (tmp_path / f"{sweep}.json").read_text() == "earlier results"
+    assert not (tmp_path / f"{sweep}.txt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_restore_stops_on_ctrl_c_or_sigterm_in_one_line(ckpts, tiny_mnist, tmp_path, signum):
+    argv = restore_argv(ckpts / "ddpm" / "ckpt.pt", tiny_mnist, tmp_path, "--tasks", "inpaint-left",
+                        "--resample", 100000)  # hours of restoring
+    proc = subprocess.Popen([sys.executable, str(ROOT / "restore.py"), *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    err, deadline = "", time.time() + 120
+    while "it/s]" not in err and proc.poll() is None and time.time() < deadline:  # its bar is drawn
+        err += proc.stderr.read(1)
+    time.sleep(1)  # and its first step under way (a signal inside tqdm's own setup leaves the bar uncleared)
+    proc.send_signal(signum)
+    err += proc.communicate(timeout=120)[1]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in err, (proc.returncode, err[-2000:])
+    assert lines[-1] == f"restore.py: stopped; the grids of the tasks that finished are in {tmp_path}"
+
+
+def test_restore_says_one_line_for_a_config_without_schedule(capsys, ckpts, tiny_mnist, tmp_path, no_work):
+    ckpt = torch.load(ckpts / "ddpm" / "ckpt.pt", weights_only=True)
+    del ckpt["config"]["schedule"]
+    torch.save(ckpt, tmp_path / "edited.pt")
+    expect_usage_error(restore, capsys, restore_argv(tmp_path / "edited.pt", tiny_mnist, tmp_path),
+                       "edited.pt: its weights do not fit its own config; it is damaged")
+
+
+def test_restore_writes_its_pictures_atomically(ckpts, tiny_mnist, tmp_path, monkeypatch):
+    renamed = []
+    monkeypatch.setattr(restore.os, "replace", lambda src, dst: renamed.append(src) or os.rename(src, dst))
+    restore.main(list(map(str, restore_argv(ckpts / "ddpm" / "ckpt.pt", tiny_mnist, tmp_path))))
+    assert renamed == [tmp_path / f"denoise.png.{os.getpid()}.tmp.png"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "denoise.png"]
+
+
+@pytest.mark.parametrize("module,edit", [(ddpm, "image_shape [1, 28]"), (ddpm, "NaN weights"),
+                                         (ddpm, "int64 weights"), (restore, "NaN weights"),
+                                         (restore, "int64 weights")])
+def test_hand_edited_shapes_and_weights_are_refused_not_sampled_blank(capsys, ckpts, tiny_mnist, tmp_path,
+                                                                      no_work, module, edit):
+    ckpt = torch.load(ckpts / "ddpm" / "ckpt.pt", weights_only=True)
+    message = "is not finite floats: damaged"
+    if edit == "image_shape [1, 28]":
+        ckpt["image_shape"] = [1, 28]
+        message = "its image_shape [1, 28] is not (C, H, W): it is damaged"
+    elif edit == "NaN weights":
+        ckpt["ema"] = {name: torch.full_like(w, math.nan) for name, w in ckpt["ema"].items()}
+    else:
+        ckpt["ema"] = {name: w.long() for name, w in ckpt["ema"].items()}
+    torch.save(ckpt, tmp_path / "edited.pt")
+    argv = restore_argv(tmp_path / "edited.pt", tiny_mnist, tmp_path / "o")
+    if module is ddpm:
+        argv = ["--sample-only", "--ckpt", tmp_path / "edited.pt", "--num-samples", 4, "--device", "cpu",
+                "--out-dir", tmp_path / "o"]
+    expect_usage_error(module, capsys, argv, message)
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")  # no blank pictures
+
+
+@pytest.mark.parametrize("module,flags,message", [
+    (bench, ["--sample-batch-size", 0], "--sample-batch-size: must be positive, got 0"),
+    (bench, ["--sample-batch-size", -1], "--sample-batch-size: must be positive, got -1"),
+    (bench, ["--seed", "1" * 23], f"--seed: must be in 0..2^31-1, got {'1' * 23}"),
+    (bench, ["--classifier", "none.pt"],
+     "--classifier none.pt: no such file; train one with conditional.py --train-classifier"),
+    (restore, ["--images", "a.png"], "--images a.png: neither a dataset (mnist, "),
+])
+def test_messages_that_misled_now_say_what_is_wrong(capsys, ckpts, tiny_mnist, tmp_path, no_work, monkeypatch,
+                                                    module, flags, message):
+    monkeypatch.chdir(tmp_path)  # where a.png is, and none.pt is not
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")  # a file, not a folder of images
+    argv = restore_argv(ckpts / "ddpm" / "ckpt.pt", tiny_mnist, tmp_path / "o", *flags)
+    if module is bench:
+        argv = bench_argv(ckpts, tiny_mnist, tmp_path / "o", "guidance-sweep", *flags)
+    expect_usage_error(module, capsys, argv, message)
+
+
+@pytest.mark.slow
+def test_bench_refuses_a_folder_that_another_run_holds(ckpts, tiny_mnist, tmp_path):
+    (tmp_path / "ddim-sweep.json").write_text("the other run's results")
+    lock = ddpm.claim_outputs(tmp_path)  # the other run: a lock of this process, so bench runs in its own
+    try:
+        r = run_cli("bench.py", *bench_argv(ckpts, tiny_mnist, tmp_path, "ddim-sweep", "--ddim-steps", 1))
+    finally:
+        lock.close()
+    one_line_error(r, f"{tmp_path} is in use by another run")
+    assert (tmp_path / "ddim-sweep.json").read_text() == "the other run's results"
