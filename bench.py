@@ -12,7 +12,7 @@ OUT_DIR/NAME.json.
     python bench.py memory --device cpu     # sampling's peak memory, and the scripts' estimates
     python bench.py plots     # samples/*.json and the loss log drawn as curves (matplotlib)
 """
-import argparse, csv, json, multiprocessing, os, platform, statistics, time
+import argparse, csv, json, multiprocessing, os, platform, statistics, textwrap, time
 from pathlib import Path
 
 import torch
@@ -282,7 +282,7 @@ def figure(panels, title, caption):
     from matplotlib.figure import Figure  # only the plots need matplotlib
     fig = Figure(figsize=(6.4 * panels, 5.2), layout="constrained")
     fig.suptitle(title)
-    fig.supxlabel(caption, fontsize=8)
+    fig.supxlabel(textwrap.fill(caption, 60 * panels), fontsize=8)  # wrapped to the figure
     return fig, fig.subplots(1, panels, squeeze=False)[0]
 
 def legend(ax, ncols=1):  # above the panel, under the title, where it hides no data

@@ -286,6 +286,7 @@ def test_classifier_mistakes_end_in_one_line(capsys, tmp_path, trained, tiny_mni
 
 # ---- the command line, end to end ----
 
+@pytest.mark.slow  # a real process or kernel
 def test_command_line_end_to_end(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     r = run_cli("--dataset", "mnist", "--data-dir", tiny_mnist, "--out-dir", out, "--steps", 20,
@@ -422,6 +423,7 @@ def test_resume_on_other_data_is_refused(capsys, tmp_path):
     expect_usage_error(capsys, common + ["--resume", "--steps", "4"], "was trained on other images: the classes ['a', 'b']")
 
 
+@pytest.mark.slow  # a real process or kernel
 def test_bad_input_in_a_real_process_prints_one_line(tmp_path, trained):
     """The same errors through the real interpreter: exit code 2, one line, no traceback."""
     for argv in (["--guidance", "-1"], ["--sample-only", "--ckpt", trained, "--labels", "11"],

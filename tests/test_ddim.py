@@ -164,6 +164,7 @@ def test_slerp_keeps_the_norm_and_the_ends():
 
 # ---- the command line, end to end ----
 
+@pytest.mark.slow  # a real process or kernel
 def test_command_line_end_to_end(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     r = run_cli("--dataset", "mnist", "--data-dir", tiny_mnist, "--out-dir", out, "--steps", 10,
@@ -237,6 +238,7 @@ def test_checkpoint_that_does_not_fit(capsys, tmp_path, trained):
                        "is not a checkpoint of ddim.py or ddpm.py")
 
 
+@pytest.mark.slow  # a real process or kernel
 def test_bad_input_in_a_real_process_prints_one_line(tmp_path):
     r = run_cli("--sample-only", "--ckpt", tmp_path / "none.pt", "--out-dir", tmp_path)
     assert r.returncode == 2

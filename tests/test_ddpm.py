@@ -178,6 +178,7 @@ def test_overfits_one_batch():
 
 # ---- the command line, end to end ----
 
+@pytest.mark.slow  # a real process or kernel
 def test_command_line_end_to_end(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     r = run_cli("--dataset", "mnist", "--data-dir", tiny_mnist, "--out-dir", out, "--steps", 20,
@@ -203,6 +204,7 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path):
     assert (tmp_path / "sampled" / "samples.png").is_file() and (tmp_path / "sampled" / "reverse.gif").is_file()
 
 
+@pytest.mark.slow  # a real process or kernel
 def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
     # The run is stopped, then resumed with a smaller --steps: a constant lr, since the cosine decay
     # (the CPU default) follows --steps, so that changing it changes the schedule.
@@ -237,6 +239,7 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
         assert torch.equal(state["exp_avg"], b["opt"]["state"][i]["exp_avg"])
 
 
+@pytest.mark.slow  # a real process or kernel
 def test_torchrun_two_processes_keep_identical_replicas(tiny_mnist, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(
@@ -363,6 +366,7 @@ def test_missing_checkpoint(capsys, tmp_path):
     expect_usage_error(capsys, ["--sample-only", "--ckpt", tmp_path / "none.pt"], "no checkpoint at")
 
 
+@pytest.mark.slow  # a real process or kernel
 def test_bad_input_in_a_real_process_prints_one_line(tmp_path):
     """The same errors through the real interpreter: exit code 2, one line, no traceback."""
     for argv in (["--dataset", "nope"], ["--sample-only", "--ckpt", tmp_path / "none.pt"]):

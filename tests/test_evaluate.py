@@ -264,6 +264,7 @@ def test_missing_dataset_says_where_to_put_it(env, tmp_path, capsys, monkeypatch
     assert f"unpack its files into {tmp_path / 'nothing'}/MNIST/raw/" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a real process or kernel
 @pytest.mark.parametrize("name", ["missing", "dtype"])
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path, name):
     path = bad_inputs(tmp_path)[name]

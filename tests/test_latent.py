@@ -107,6 +107,7 @@ def test_default_sampler_is_200_steps_at_eta_1_and_each_step_is_one_evaluation()
 
 # ---- the command line, end to end ----
 
+@pytest.mark.slow  # a real process or kernel
 def test_command_line_end_to_end(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     r = run_cli("--dataset", "mnist", "--data-dir", tiny_mnist, "--out-dir", out, "--ae-steps", 20, "--steps", 20,
@@ -155,6 +156,7 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path):
     assert reused["scale_factor"] == pytest.approx(ckpt["scale_factor"], rel=0.05)  # measured again, same data
 
 
+@pytest.mark.slow  # a real process or kernel
 @pytest.mark.parametrize("stage,name", [("autoencoder", "ae.pt"), ("diffusion", "ckpt.pt")])
 def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_mnist, tmp_path, stage, name):
     common = ["--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY, "--log-every", "1", "--ckpt-every", "5",
@@ -288,6 +290,7 @@ def test_corrupt_checkpoint(capsys, tmp_path, trained, damage):
     expect_usage_error(capsys, ["--ae-ckpt", bad, "--out-dir", tmp_path / "o"], "corrupt or truncated")
 
 
+@pytest.mark.slow  # a real process or kernel
 def test_bad_input_in_a_real_process_prints_one_line(tmp_path):
     """The same errors through the real interpreter: exit code 2, one line, no traceback."""
     for argv in (["--dataset", "nope"], ["--sample-only", "--ckpt", tmp_path / "none.pt"]):

@@ -19,6 +19,7 @@ OUTPUTS = {"ddpm.py": ["ckpt.pt", "samples.png", "reverse.gif", "forward.png"],
            "latent.py": ["ae.pt", "ckpt.pt", "samples.png", "reconstructions.png"]}
 
 
+@pytest.mark.slow  # a real process or kernel
 @pytest.mark.parametrize("script", sorted(OUTPUTS))
 def test_script_runs_as_a_notebook(script, tiny_mnist, tmp_path):
     nb = jupytext.read(ROOT / script)
@@ -41,6 +42,7 @@ def test_script_runs_as_a_notebook(script, tiny_mnist, tmp_path):
     assert "UNet" in printed
 
 
+@pytest.mark.slow  # a real process or kernel
 def test_restore_runs_as_a_notebook(tiny_mnist, tmp_path):
     """restore.py trains nothing: Run all restores test images with a (tiny) ddpm.py checkpoint."""
     import ddpm

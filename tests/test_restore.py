@@ -177,6 +177,7 @@ def expect_usage_error(capsys, argv, message):
     assert err.strip().count("\n") == 0 and err.startswith("restore.py: error: "), err
 
 
+@pytest.mark.slow  # a real process or kernel
 def test_bad_input_ends_in_one_line(tiny_ckpt, tiny_mnist, tmp_path, capsys):
     base = ["--ckpt", tiny_ckpt, "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--device", "cpu"]
     expect_usage_error(capsys, base + ["--noise-std", "0"], "--noise-std: must be positive, got 0")

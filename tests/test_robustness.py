@@ -59,6 +59,7 @@ def image_folder(root, n, size=(28, 28), sub=""):
 
 # ---- 1. latent.py on an image folder, small or not, to the end and on resume ----
 
+@pytest.mark.slow  # a real process or kernel
 def test_latent_trains_and_resumes_on_a_small_image_folder(tmp_path):
     folder = image_folder(tmp_path / "imgs", 10)
     common = ["--dataset", folder, "--image-size", 28, "--out-dir", tmp_path / "o", *TINY, *LATENT]
@@ -72,6 +73,7 @@ def test_latent_trains_and_resumes_on_a_small_image_folder(tmp_path):
 
 # ---- 3. outputs that cannot be written are found before any work ----
 
+@pytest.mark.slow  # a real process or kernel
 @pytest.mark.parametrize("flag", ["--ckpt", "--npz"])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, tiny_mnist, flag):
     (tmp_path / "afile").write_text("")
@@ -90,6 +92,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, t
 
 # ---- 4. a second run into a busy folder is refused; a killed run leaves no stale lock ----
 
+@pytest.mark.slow  # a real process or kernel
 def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_one_frees_it(tmp_path, tiny_mnist):
     common = ["--data-dir", tiny_mnist, "--out-dir", tmp_path, *TINY, "--ckpt-every", 5]
     first = subprocess.Popen([sys.executable, str(ROOT / "ddpm.py"), *map(str, common), "--steps", "100000"],
@@ -179,6 +182,7 @@ def test_what_would_not_fit_in_memory_is_refused_before_allocating(capsys, tiny_
 
 # ---- 8. signals: SIGTERM as Ctrl-C; the first stops at the next step, a second at once ----
 
+@pytest.mark.slow  # a real process or kernel
 def test_sigterm_saves_a_checkpoint_that_resumes(tiny_mnist, tmp_path):
     common = ["--data-dir", tiny_mnist, "--out-dir", tmp_path, *TINY, "--ckpt-every", 1000, "--log-every", 1000]
     proc = subprocess.Popen([sys.executable, str(ROOT / "ddpm.py"), *map(str, common), "--steps", "100000"],
