@@ -319,6 +319,7 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path):
     assert np.load(tmp_path / "c.npz")["arr_1"].tolist() == [i % 10 for i in range(23)]
 
 
+@pytest.mark.slow  # bit-exact resume: three training runs
 def test_resume_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
     common = ["--dataset", "mnist", "--data-dir", str(tiny_mnist), *TINY, "--sample-every", "0", "--p-uncond",
               "0.3", "--no-lr-decay"]  # the cosine decay follows --steps, which the resumed run changes
