@@ -145,9 +145,9 @@ def get_lr(step, args):
     return lr
 
 def train(model, ema, opt, batch_loss, args, start, path, extra, preview=None):
-    """Alg. 1, repeated: a gradient step on batch_loss(net, generator), then the EMA. Saves extra
-    and the state dicts every --ckpt-every steps, at the end and on Ctrl-C or SIGTERM; returns
-    whether a signal stopped the run."""
+    """Alg. 1, repeated: a gradient step on batch_loss(net, generator), then the EMA. Logs a line
+    of log.csv every --log-every steps; saves extra and the state dicts every --ckpt-every steps,
+    at the end and on Ctrl-C or SIGTERM; returns whether a signal stopped the run."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device, t0, step, losses = next(model.parameters()).device, time.time(), start, []
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
