@@ -523,7 +523,10 @@ def load_checkpoint(path, scripts=(SCRIPT,), keys=("step", "image_shape", "class
     if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
         raise ValueError(f"{path}: its image_shape {shape} is not (C, H, W): it is damaged")
     for key in ("ema", "model", "ae"):  # the networks' weights, wherever a checkpoint has them
-        for name, weight in ckpt.get(key, {}).items():
+        weights = ckpt.get(key, {})
+        if not isinstance(weights, dict):
+            raise ValueError(f"{path}: its {key} is not a state dict: it is damaged")
+        for name, weight in weights.items():
             if not (weight.is_floating_point() and weight.isfinite().all()):
                 raise ValueError(f"{path}: its weight {key}.{name} is not finite floats: damaged")
     return ckpt
@@ -716,7 +719,7 @@ def main(argv=None):  # train, then sample (with --sample-only, only sample); re
         if ckpt and not args.sample_only and (ckpt["classes"], ckpt.get("fingerprint")) != (
                 classes, found):
             raise ValueError(f"{ckpt_path} was trained on other images: the classes "
-                             f"{ckpt['classes']}, {ckpt.get('fingerprint')}")
+                             f"{ckpt['classes']}, {ckpt.get('fingerprint') or 'torchvision data'}")
         wanted = sample_labels(args, len(classes))  # checked now, not after training
         shape = ckpt["image_shape"] if args.sample_only else list(data.shape[1:])
         check_memory(sampling_bytes(2 * args.sample_batch_size, shape, args.base_channels),

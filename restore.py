@@ -301,7 +301,10 @@ def load_checkpoint(path, scripts=(SCRIPT,), keys=("step", "image_shape", "ema")
     if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
         raise ValueError(f"{path}: its image_shape {shape} is not (C, H, W): it is damaged")
     for key in ("ema", "model", "ae"):  # the networks' weights, wherever a checkpoint has them
-        for name, weight in ckpt.get(key, {}).items():
+        weights = ckpt.get(key, {})
+        if not isinstance(weights, dict):
+            raise ValueError(f"{path}: its {key} is not a state dict: it is damaged")
+        for name, weight in weights.items():
             if not (weight.is_floating_point() and weight.isfinite().all()):
                 raise ValueError(f"{path}: its weight {key}.{name} is not finite floats: damaged")
     return ckpt

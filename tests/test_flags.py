@@ -262,10 +262,15 @@ def test_a_checkpoint_that_predates_a_flag_takes_its_default(tiny_mnist, tmp_pat
     ddim.main(["--sample-only", "--ckpt", str(tmp_path / "old.pt"), "--out-dir", str(tmp_path / "d"),
                "--num-samples", "2", "--sampling-steps", "3", "--data-dir", str(tiny_mnist)])
     assert (tmp_path / "d" / "inversion.png").is_file()  # the data on disk is used
+    ckpt["ema"] = torch.zeros(3)  # hand-edited: weights that are no state dict end in one line
+    torch.save(ckpt, tmp_path / "bad.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ddpm.main(["--sample-only", "--ckpt", str(tmp_path / "bad.pt"), "--out-dir", str(tmp_path / "b")])
+    assert e.value.code == 2 and "its ema is not a state dict" in capsys.readouterr().err
 
 
 def test_run_flags_are_named_and_come_first():
     """RUN_FLAGS name the flags a checkpoint fixes; FLAGS lists them first, in that order."""
     for module in (ddpm, ddim, conditional, latent):
         assert list(module.FLAGS)[:len(module.RUN_FLAGS)] == list(module.RUN_FLAGS)
-    assert isinstance(ast.parse((ROOT / "ddpm.py").read_text()), ast.Module)
