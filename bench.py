@@ -3,6 +3,8 @@ this file, nor each other) and score samples with evaluate.py. Each writes OUT_D
 OUT_DIR/NAME.json.
 
     python bench.py ddim-sweep --ckpt runs/ddpm/ckpt.pt           # S x eta, DDIM's Table 1 on MNIST
+    python bench.py samplers --ckpt runs/ddpm/ckpt.pt     # ddim.py's samplers at 5-50 evaluations
+    python bench.py nll --ckpt checkpoints/ddpm_mnist.pt --samples 1000   # bits/dim, DDPM's Eq. 5
     python bench.py guidance-sweep --ckpt runs/conditional/ckpt.pt --sampling-steps 50   # w
     python bench.py guidance-sweep --ckpt runs/conditional/ckpt.pt --sampling-steps 50 \\
         --classifier runs/conditional/classifier.pt      # and classifier guidance beside it
@@ -12,7 +14,7 @@ OUT_DIR/NAME.json.
     python bench.py memory --device cpu     # sampling's peak memory, and the scripts' estimates
     python bench.py plots     # samples/*.json and the loss log drawn as curves (matplotlib)
 """
-import argparse, csv, json, multiprocessing, os, platform, statistics, textwrap, time
+import argparse, csv, json, math, multiprocessing, os, platform, statistics, textwrap, time
 from pathlib import Path
 
 import torch
@@ -20,6 +22,8 @@ import torch
 import conditional, ddim, ddpm, evaluate, latent, restore
 
 DDIM_STEPS, DDIM_ETAS = (10, 20, 50, 100, 1000), (0.0, 1.0)  # DDIM Table 1's S and eta
+SAMPLERS = (("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", None), ("pndm", None), ("sde", None))
+EVALUATIONS = (5, 10, 20, 50)  # network evaluations per image: the samplers sweep's S
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)  # the w of the guidance table (Ho & Salimans Table 1)
 CLASSIFIER_SCALES = (1.0, 2.0, 4.0, 8.0)  # the s of classifier guidance (Dhariwal & Nichol Fig. 3)
 
@@ -75,6 +79,75 @@ def ddim_sweep(args, device):
             rows.append({"S": S, "eta": eta, **metrics(score(images, config, args)),
                          "seconds": secs, "img_s": args.samples / secs})
             print(row_text(rows[-1]), flush=True)
+    return rows
+
+def sampler_sweep(args, device):
+    """For each of ddim.py's samplers and each S of --ddim-steps (network evaluations per image):
+    --samples images from the same x_T, timed and scored, and the RMSE (grey levels of 255) of the
+    first --reference-samples of them against the ODE's x_0: DDIM eta = 0 with all T steps."""
+    ckpt, config, alpha_bar = load(ddim, args.ckpt, device, ("ddim", "ddpm"))
+    check_scored(config)
+    T, shape = len(alpha_bar), ckpt["image_shape"]
+    steps = args.ddim_steps or [S for S in EVALUATIONS if S <= T]
+    bad = [S for S in steps if not 4 <= S <= T]
+    if bad:
+        raise ValueError(f"--ddim-steps {bad[0]}: the samplers take 4 to T = {T} (PNDM needs 4)")
+    model = ddim.build_model(config, shape[0]).to(device)
+    model.load_state_dict(ckpt["ema"])
+    x_T = torch.randn((args.samples, *shape), generator=torch.Generator().manual_seed(args.seed))
+    def run(sampler, eta, S, n):  # the first n of x_T, in batches, from S steps
+        taus, out = ddim.sampling_timesteps(T, S, args.spacing), []
+        gen = torch.Generator(device).manual_seed(args.seed)
+        for x in x_T[:n].to(device).split(args.sample_batch_size):
+            if sampler == "ddim":
+                out.append(ddim.ddim_sample_loop(model, x, alpha_bar, taus, eta, gen)[0])
+            else:
+                out.append(ddim.solver_sample_loop(model, x, alpha_bar, taus, sampler, gen)[0])
+        return torch.cat(out).clamp(-1, 1)
+    n_ref = min(args.reference_samples, args.samples)
+    reference = run("ddim", 0.0, T, n_ref) if n_ref else None
+    rows = []
+    for sampler, eta in SAMPLERS:
+        for S in steps:
+            x0, secs = timed(lambda: run(sampler, eta, S, args.samples), device)
+            rmse = None
+            if n_ref:
+                rmse = (x0[:n_ref] - reference).pow(2).mean().sqrt().item() * 127.5
+            rows.append({"sampler": sampler, "eta": eta, "evaluations": S,
+                         **metrics(score(ddim.to_uint8(x0), config, args)), "rmse": rmse,
+                         "seconds": secs, "img_s": args.samples / secs})
+            print(row_text(rows[-1]), flush=True)
+    return rows
+
+def nll(args, device):
+    """Bits per dimension of a ddpm.py model on the first --samples test images: DDPM's bound
+    (Eq. 5) with all T terms, for sigma_t^2 = beta_tilde_t and = beta_t from the same network
+    evaluations; the mean over the images, its standard error, and each term's mean (the plot's)."""
+    ckpt, config, _ = load(ddpm, args.ckpt, device, ("ddpm", "ddim"))
+    betas, alpha_bar = ddpm.make_schedule(config["schedule"], config["timesteps"])
+    model = ddpm.build_model(config, ckpt["image_shape"][0]).to(device)
+    model.load_state_dict(ckpt["ema"])
+    images = restore.load_test_images(config["dataset"], args.data_dir, args.samples,
+                                      ckpt["image_shape"])
+    if len(images) < args.samples:
+        raise ValueError(f"--samples {args.samples}: the test split of {config['dataset']} has "
+                         f"{len(images)} images")
+    gen, terms = torch.Generator(device).manual_seed(args.seed), {"posterior": [], "beta": []}
+    def bound():
+        for batch in images.split(args.sample_batch_size):
+            x0 = batch.to(device).double() / 127.5 - 1
+            for sigma, nats in ddpm.vlb_terms(model, x0, betas.to(device), alpha_bar.to(device),
+                                              gen).items():
+                terms[sigma].append(nats.cpu())
+    _, secs = timed(bound, device)
+    bits = math.log(2) * images[0].numel()  # nats per image to bits per dimension
+    rows = []
+    for sigma, parts in terms.items():
+        per_image = torch.cat(parts).sum(1) / bits
+        rows.append({"sigma": sigma, "images": len(images), "bits_per_dim": per_image.mean().item(),
+                     "standard_error": per_image.std().item() / len(images) ** 0.5,
+                     "seconds": secs, "terms": (torch.cat(parts).mean(0) / bits).tolist()})
+        print(row_text(rows[-1]), flush=True)
     return rows
 
 def guidance_sweep(args, device):
@@ -313,6 +386,44 @@ def plot_ddim(path):
     legend(ax)
     return fig
 
+def plot_samplers(path):
+    """(e) FID against network evaluations for each of ddim.py's samplers; references as lines."""
+    result, caption = read_result(path)
+    fig, (ax,) = figure(1, "ddim.py's samplers on MNIST: FID against network evaluations", caption)
+    for sampler, eta in SAMPLERS:
+        rows = [r for r in result["rows"] if r["sampler"] == sampler and r["eta"] == eta]
+        label = f"DDIM, eta = {eta:g}" if sampler == "ddim" else sampler
+        ax.plot([r["evaluations"] for r in rows], [r["fid"] for r in rows], "-o", label=label)
+    for ref, style in zip(result.get("reference", []), (":", "--")):
+        ax.axhline(ref["fid"], color="k", linestyle=style, label=ref["sampler"])
+    evaluations = sorted({r["evaluations"] for r in result["rows"]})
+    ax.set_xscale("log")
+    ax.set_xticks(evaluations, [str(n) for n in evaluations])
+    ax.set_xticks([], minor=True)
+    ax.set_yscale("log")  # the SDE's few-step FIDs are 10x the others'
+    ax.yaxis.set_major_formatter("{x:g}")
+    ax.yaxis.set_minor_formatter("{x:g}")
+    ax.set_xlabel("network evaluations per image (log scale)")
+    ax.set_ylabel("FID against the MNIST test split (log scale, lower is better)")
+    legend(ax, ncols=2)
+    return fig
+
+def plot_nll(path):
+    """(f) Each term of the bound against t, in bits per dimension: where the bits go."""
+    result, caption = read_result(path)
+    fig, (ax,) = figure(1, "ddpm.py's bound on MNIST: its terms against t", caption)
+    for r, style in zip(result["rows"], ("-", "--")):
+        name = {"posterior": "sigma_t^2 = beta_tilde_t", "beta": "sigma_t^2 = beta_t"}[r["sigma"]]
+        terms = r["terms"][:-1]  # L_0 .. L_{T-1}; L_T, the prior's, is in the label
+        ax.plot(range(1, len(terms) + 1), terms, style, label=f"{name}: {r['bits_per_dim']:.3f} "
+                f"bits/dim in all (L_T {r['terms'][-1]:.1e})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("t (log scale): L_0 at t = 1, L_{t-1} at t")
+    ax.set_ylabel("the term's mean, bits per dimension (log scale)")
+    legend(ax)
+    return fig
+
 def plot_guidance(path):
     """(b) FID and class accuracy against guidance strength, both guidances on one axis: s, the
     power of p(y | x_t) the guided noise samples, which is 1 + w for CFG."""
@@ -384,6 +495,8 @@ def plot_restoration(path):
 
 # Each plot: its picture, the function that draws it, and the result file it reads.
 PLOTS = {"plot_ddim_fid.png": (plot_ddim, "ddim_sweep_cpu.json"),
+         "plot_samplers.png": (plot_samplers, "samplers_cpu.json"),
+         "plot_nll_terms.png": (plot_nll, "nll_cpu.json"),
          "plot_guidance.png": (plot_guidance, "guidance_sweep_cpu.json"),
          "plot_training_loss.png": (plot_loss, "ddpm_mnist_cpu_log.csv"),
          "plot_restoration.png": (plot_restoration, "restoration_cpu.json")}
@@ -409,10 +522,12 @@ def plots(results, out):
 def metrics(r):
     return {k: r[k] for k in ("fid", "kid", "kid_std", "precision", "recall")}
 
-def row_text(r):
-    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
+def row_text(r):  # a list (the nll's terms) is left to the JSON
+    fields = [(k, v) for k, v in r.items() if not isinstance(v, list)]
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields)
 
-SWEEPS = {"ddim-sweep": ddim_sweep, "guidance-sweep": guidance_sweep, "restoration": restoration,
+SWEEPS = {"ddim-sweep": ddim_sweep, "samplers": sampler_sweep, "nll": nll,
+          "guidance-sweep": guidance_sweep, "restoration": restoration,
           "reconstructions": reconstructions, "latent-vs-pixel": latent_vs_pixel, "memory": memory}
 
 def listed(kind, choices=None):
@@ -456,9 +571,12 @@ def build_parser():
     p.add_argument("--scales", type=listed(scale), default=CLASSIFIER_SCALES,
                    help="guidance-sweep: the classifier's s (default: 1,2,4,8)")
     p.add_argument("--ddim-steps", type=listed(positive),
-                   help="ddim-sweep: the S, like 10,20 (default: those of 10,20,50,100,1000 <= T)")
+                   help="ddim-sweep: the S, like 10,20 (default: those of 10,20,50,100,1000 <= T); "
+                   "samplers: the network evaluations (default: 5,10,20,50)")
     p.add_argument("--spacing", choices=("uniform", "quadratic"), default="uniform",
-                   help="ddim-sweep: the spacing of its steps")
+                   help="ddim-sweep and samplers: the spacing of the steps")
+    p.add_argument("--reference-samples", type=ddpm.COUNT, default=100,
+                   help="samplers: images of the 1,000-step ODE solution for the RMSE (0: none)")
     p.add_argument("--tasks", type=listed(None, restore.TASKS), default=list(restore.TASKS),
                    help="restoration: restore.py's tasks (default: all)")
     p.add_argument("--noise-std", type=ddpm.REAL, default=0.5,
@@ -492,7 +610,10 @@ def main(argv=None):
             raise ValueError(f"{args.sweep} needs --ckpt, the checkpoint to measure")
         if args.sweep == "latent-vs-pixel" and not args.pixel_ckpt:
             raise ValueError("latent-vs-pixel needs --pixel-ckpt, a ddpm.py checkpoint")
-        if args.samples < evaluate.MIN_SAMPLES and args.sweep not in ("latent-vs-pixel", "memory"):
+        if args.sweep == "nll" and args.samples < 2:
+            raise ValueError(f"--samples {args.samples}: a standard error needs 2 images or more")
+        if args.samples < evaluate.MIN_SAMPLES and args.sweep not in ("latent-vs-pixel", "memory",
+                                                                       "nll"):
             raise ValueError(f"--samples {args.samples}: evaluate.py needs at least "
                              f"{evaluate.MIN_SAMPLES}")
         if args.sweep == "restoration" and not args.tasks:

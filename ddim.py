@@ -292,12 +292,93 @@ def slerp(z0, z1, w):
     theta = torch.arccos((z0 * z1).sum() / (z0.norm() * z1.norm()))
     return (torch.sin((1 - w) * theta) * z0 + torch.sin(w * theta) * z1) / torch.sin(theta)
 
-def generate(model, n, shape, alpha_bar, timesteps, eta, seed, batch_size, n_frames=0):
+# %% Sampling: more solvers of the same ODE, and the SDE
+# DDIM at eta = 0 is Euler's method on the probability-flow ODE (Eq. 14), its error falling as 1/S;
+# higher-order solvers need fewer steps. Alg. 2 discretises the reverse SDE (Song et al. 2021).
+def predict_x0(xt, eps_pred, ab, clip_x0=True):
+    """x_0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) (Eq. 9), clipped to [-1, 1] as ddim_step does."""
+    x0_pred = (xt - (1 - ab).sqrt() * eps_pred) / ab.sqrt()
+    if clip_x0:
+        x0_pred = x0_pred.clamp(-1, 1)
+    return x0_pred
+
+def dpmpp_2m_step(xt, eps_pred, ab, ab_prev, history, clip_x0=True):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), in the data-prediction form for the VP schedule:
+    with lambda = log(sqrt(ab) / sqrt(1 - ab)) and h = lambda_prev - lambda, one step is exact for
+    an x_0 prediction that is linear in lambda; history holds the last step's (h, x0_pred). First
+    order on the first step and on the step to x_0 (lambda = inf), as k-diffusion does."""
+    x0_pred = predict_x0(xt, eps_pred, ab, clip_x0)
+    h = (ab_prev / (1 - ab_prev)).log() / 2 - (ab / (1 - ab)).log() / 2
+    D = x0_pred
+    if history and ab_prev < 1:  # D_i = (1 + 1 / 2r) x0_i - 1 / 2r x0_{i-1}, r = h_{i-1} / h_i
+        h_last, x0_last = history[-1]
+        r = h_last / h
+        D = (1 + 1 / (2 * r)) * x0_pred - 1 / (2 * r) * x0_last
+    history.append((h, x0_pred))
+    # x_prev = (sigma_prev / sigma) x_t - alpha_prev (e^-h - 1) D; at ab_prev = 1 it is D itself
+    return ((1 - ab_prev) / (1 - ab)).sqrt() * xt - ab_prev.sqrt() * torch.expm1(-h) * D
+
+ADAMS_BASHFORTH = ((1,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12),  # 1- to 4-step formulas,
+                   (55 / 24, -59 / 24, 37 / 24, -9 / 24))  # each newest first
+
+def pndm_step(xt, eps_pred, ab, ab_prev, history, clip_x0=True):
+    """PNDM (Liu et al. 2022, Eq. 11-12): Adams-Bashforth's eps' = (55 e_0 - 59 e_1 + 37 e_2 -
+    9 e_3) / 24, e_k the eps of k steps before (in history), then DDIM's eta = 0 step (their
+    "transfer" phi) with eps'. As iPNDM, the first three steps take the 1- to 3-step formulas."""
+    history.append(eps_pred)
+    coefficients = ADAMS_BASHFORTH[min(len(history), 4) - 1]
+    eps_prime = sum(c * e for c, e in zip(coefficients, reversed(history)))
+    zero = torch.zeros_like(ab)
+    return ddim_step(xt, eps_prime, ab, ab_prev, zero, zero, clip_x0)
+
+def sde_step(xt, eps_pred, ab, ab_prev, z, clip_x0=True):
+    """Euler-Maruyama on the reverse VP SDE (Song et al. 2021, Eq. 6 with f = -beta x / 2 and g^2 =
+    beta): dx = -beta (x / 2 + grad log p_t(x)) dt + sqrt(beta) dw, run backwards. Over a step the
+    betas sum to B = log(ab_prev / ab); the score is -eps / sqrt(1 - ab), here from the clipped
+    x_0: (sqrt(ab) x0_pred - x_t) / (1 - ab). Alg. 2 is the same equation, discretised otherwise."""
+    x0_pred = predict_x0(xt, eps_pred, ab, clip_x0)
+    score = (ab.sqrt() * x0_pred - xt) / (1 - ab)
+    B = (ab_prev / ab).log()
+    return xt + (xt / 2 + score) * B + B.sqrt() * z
+
+@torch.no_grad()
+def solver_sample_loop(model, x, alpha_bar, timesteps, sampler, generator=None, n_frames=0,
+                       clip_x0=True):
+    """ddim_sample_loop for the solvers above: one network evaluation at each of timesteps, from
+    the last down; the SDE adds no noise on its step to x_0 (as Alg. 2 line 4)."""
+    ts = timesteps.tolist()
+    keep = torch.linspace(0, len(ts) - 1, n_frames).round().long().tolist() if n_frames else ()
+    frames, history = [], []
+    for i in tqdm(reversed(range(len(ts))), "sampling", len(ts), leave=False):
+        t = torch.full((len(x),), ts[i], device=x.device, dtype=torch.long)
+        with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
+            eps_pred = model(x, t).float()
+        ab = alpha_bar[ts[i]]
+        ab_prev = alpha_bar[ts[i - 1]] if i > 0 else torch.ones_like(ab)
+        if sampler == "dpm++2m":
+            x = dpmpp_2m_step(x, eps_pred, ab, ab_prev, history, clip_x0)
+        elif sampler == "pndm":
+            x = pndm_step(x, eps_pred, ab, ab_prev, history, clip_x0)
+        else:
+            z = torch.randn(x.shape, device=x.device, generator=generator)
+            if i == 0:  # the step to x_0
+                z = torch.zeros_like(z)
+            x = sde_step(x, eps_pred, ab, ab_prev, z, clip_x0)
+        if i in keep:
+            frames.append(x[:64].clamp(-1, 1).cpu())
+    return x, frames
+
+def generate(model, n, shape, alpha_bar, timesteps, eta, seed, batch_size, n_frames=0,
+             sampler="ddim"):
     """n samples as uint8 (n, C, H, W), drawn in batches; frames of the first batch for a GIF."""
     gen, out, frames = torch.Generator(alpha_bar.device).manual_seed(seed), [], []
     for start in range(0, n, batch_size):
         x = torch.randn((min(batch_size, n - start), *shape), device=gen.device, generator=gen)
-        x, f = ddim_sample_loop(model, x, alpha_bar, timesteps, eta, gen, 0 if start else n_frames)
+        keep = 0 if start else n_frames
+        if sampler == "ddim":
+            x, f = ddim_sample_loop(model, x, alpha_bar, timesteps, eta, gen, keep)
+        else:
+            x, f = solver_sample_loop(model, x, alpha_bar, timesteps, sampler, gen, keep)
         out, frames = out + [to_uint8(x)], frames or f
     return torch.cat(out), frames
 # %% Data
@@ -380,7 +461,7 @@ def write_samples(model, n, shape, alpha_bar, args, data=None, name="samples"):
     taus = sampling_timesteps(len(alpha_bar), args.sampling_steps, args.spacing)
     t0, out = time.time(), Path(args.out_dir)
     images, frames = generate(model, n, shape, alpha_bar, taus, args.eta, args.seed,
-                              args.sample_batch_size, n_frames=40)
+                              args.sample_batch_size, 40, args.sampler)
     grid(images).save(out / f"{name}.png")
     if name != "samples":
         return
@@ -390,9 +471,10 @@ def write_samples(model, n, shape, alpha_bar, args, data=None, name="samples"):
     if args.npz:
         np.savez(args.npz, arr_0=images.permute(0, 2, 3, 1).numpy())
     secs = time.time() - t0
-    print(f"sampled {n} images in {secs:.1f} s ({n / secs:.1f} img/s; DDIM, {len(taus)} steps, "
-          f"eta {args.eta:g}, {len(taus)} network evaluations an image): {out}/samples.png, "
-          f"reverse.gif {args.npz or ''}")
+    how = f"DDIM, eta {args.eta:g}" if args.sampler == "ddim" else args.sampler
+    print(f"sampled {n} images in {secs:.1f} s ({n / secs:.1f} img/s; {how}, {len(taus)} steps, "
+          f"{len(taus)} network evaluations an image): {out}/samples.png, reverse.gif "
+          f"{args.npz or ''}")
     save_interpolation(model, shape, alpha_bar, taus, args.seed, out)
     print(f"interpolation: {out}/interpolation.png (slerp between two x_T, eta 0)")
     if data is not None:
@@ -516,6 +598,8 @@ FLAGS = {
                        "out: T where the default is more; S = T with --eta 1 is DDPM's Alg. 2)"),
     "eta": (0.0, valid(float, lambda v: 0 <= v <= 1, "in [0, 1]"), "the sampler's noise (DDIM "
             "Eq. 16): 0 deterministic, 1 DDPM's posterior variance"),
+    "sampler": ("ddim", ("ddim", "dpm++2m", "pndm", "sde"), "DDIM (Eq. 12; --eta is its), the "
+                "ODE's DPM-Solver++(2M) or PNDM, or the reverse SDE by Euler-Maruyama"),
     "spacing": ("uniform", ("uniform", "quadratic"), "the S steps: even, or denser near the data"),
     "device": ("auto", ("auto", "cuda", "mps", "cpu"), "auto picks cuda, then mps, then cpu"),
 }
@@ -576,7 +660,7 @@ def main(argv=None):  # train, then sample (with --sample-only, only sample); re
             ckpt = load_checkpoint(ckpt_path, scripts, resume=args.resume)
         elif ckpt_path.exists():
             raise ValueError(f"{ckpt_path} exists: pass --resume to go on, or a new --out-dir")
-        asked_steps = args.sampling_steps  # None when left out
+        asked_steps, asked_eta = args.sampling_steps, args.eta  # None when left out
         fill_flags(args, device, ckpt["config"] if ckpt else None, ckpt_path)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         alpha_bar64 = make_schedule(args.schedule, args.timesteps)[1]  # [0]: the betas
@@ -585,6 +669,11 @@ def main(argv=None):  # train, then sample (with --sample-only, only sample); re
         if args.sampling_steps > args.timesteps:
             raise ValueError(f"--sampling-steps {args.sampling_steps} is more than the model's T = "
                              f"{args.timesteps} training steps: pick S from 1 to {args.timesteps}")
+        if asked_eta is not None and args.sampler != "ddim":
+            raise ValueError(f"--eta is DDIM's noise: --sampler {args.sampler} takes no --eta")
+        if args.sampler == "pndm" and args.sampling_steps < 4:
+            raise ValueError(f"--sampler pndm needs --sampling-steps 4 or more (its formula takes "
+                             f"4 steps' eps), not {args.sampling_steps}: or use dpm++2m")
         if rank == 0:
             lock = claim_outputs(Path(args.out_dir), ckpt_path, args.npz)  # held until the end
         data, found = None, None  # no images are needed to sample

@@ -264,6 +264,48 @@ def p_sample_loop(model, shape, betas, alpha_bar, sigma="posterior", generator=N
         if i in keep:
             frames.append(x[:64].clamp(-1, 1).cpu())
     return x, frames
+# %% The variational bound: Eq. 5, term by term
+# L_vlb = L_T + sum_{t>1} L_{t-1} + L_0 >= -log p_theta(x_0): what L_simple re-weights (Eq. 14).
+def gaussian_kl(mean1, var1, mean2, var2):
+    """KL(N(mean1, var1) || N(mean2, var2)) in nats, per dimension: L_T and each L_{t-1}."""
+    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
+
+def decoder_nll(x0, mean, var):
+    """L_0 = -log p_theta(x_0 | x_1) (Sec. 3.3, Eq. 13): the mass of N(mean, var) on x_0's bin of
+    the 256 grey levels, x_0 +- 1/255, the two end bins reaching to -inf and +inf; per dimension."""
+    upper = torch.where(x0 > 1 - 1e-3, torch.inf, x0 + 1 / 255)
+    lower = torch.where(x0 < -1 + 1e-3, -torch.inf, x0 - 1 / 255)
+    cdf_upper = torch.special.ndtr((upper - mean) / var.sqrt())
+    cdf_lower = torch.special.ndtr((lower - mean) / var.sqrt())
+    return -(cdf_upper - cdf_lower).clamp(min=1e-12).log()  # 1e-12: a bin the model misses
+
+@torch.no_grad()
+def vlb_terms(model, x0, betas, alpha_bar, generator=None):
+    """Eq. 5 for a batch of x_0 in float64: {sigma: (B, T + 1) nats per image}, columns L_0, L_1,
+    .., L_{T-1}, L_T, with sigma_t^2 = beta_tilde_t ("posterior") and beta_t ("beta") from the
+    same T evaluations of eps_theta. beta_tilde_1 is 0: L_0 takes beta_tilde_2 (as Nichol &
+    Dhariwal's code does). p_theta's mean is the sampler's, p_sample_step's with x_0 clipped."""
+    T, ab_T = len(betas), alpha_bar[-1]
+    prior = gaussian_kl(ab_T.sqrt() * x0, 1 - ab_T, torch.zeros_like(ab_T), torch.ones_like(ab_T))
+    tilde = betas[1:] * (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:])  # beta_tilde for t >= 2
+    variances = {"posterior": torch.cat([tilde[:1], tilde]), "beta": betas}
+    terms = {"posterior": [], "beta": []}
+    for i in tqdm(range(T), "bound", leave=False):
+        t = torch.full((len(x0),), i, device=x0.device, dtype=torch.long)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        xt = q_sample(x0, t, eps, alpha_bar)
+        with torch.autocast("cuda", torch.bfloat16, enabled=x0.device.type == "cuda"):
+            eps_pred = model(xt.float(), t).double()
+        mean = p_sample_step(xt, t, eps_pred, torch.zeros_like(xt), betas, alpha_bar)  # z = 0
+        true_mean, true_var = q_posterior(x0, xt, t, betas, alpha_bar)
+        for sigma, var in variances.items():
+            if i == 0:
+                nats = decoder_nll(x0, mean, var[0])
+            else:  # L_{t-1}, Eq. 5-8
+                nats = gaussian_kl(true_mean, true_var, mean, var[i])
+            terms[sigma].append(nats.flatten(1).sum(1))
+    return {sigma: torch.stack([*columns, prior.flatten(1).sum(1)], 1)
+            for sigma, columns in terms.items()}
 # %% Data
 DATASETS = {"mnist": ("MNIST", 28, "MNIST/raw"), "cifar10": ("CIFAR10", 32, "cifar-10-batches-py"),
             "fashion-mnist": ("FashionMNIST", 28, "FashionMNIST/raw")}  # class, side, files

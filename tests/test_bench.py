@@ -47,6 +47,37 @@ def test_ddim_sweep_scores_and_times_every_setting(ckpts, tiny_mnist, tmp_path, 
     assert [(r["S"], r["eta"]) for r in rows] == [(5, 0.0), (5, 1.0)]  # only the S asked for
 
 
+def test_samplers_sweep_scores_each_sampler_from_the_same_noise(ckpts, tiny_mnist, tmp_path, capsys):
+    rows = run(capsys, tiny_mnist, tmp_path, "samplers", "--ckpt", ckpts / "ddpm" / "ckpt.pt", "--ddim-steps",
+               "4,20", "--reference-samples", "8")
+    assert [(r["sampler"], r["eta"], r["evaluations"]) for r in rows] == [
+        (sampler, eta, n) for sampler, eta in bench.SAMPLERS for n in (4, 20)]
+    assert all(r["fid"] > 0 and r["img_s"] > 0 and r["rmse"] >= 0 for r in rows)
+    ode = {r["sampler"]: r["rmse"] for r in rows if r["evaluations"] == 20 and r["eta"] != 1.0}
+    assert ode["ddim"] == 0  # DDIM eta 0 with all T = 20 steps is the reference itself
+    assert json.loads((tmp_path / "samplers.json").read_text())["rows"] == rows
+    with pytest.raises(SystemExit):  # PNDM needs 4 steps
+        run(capsys, tiny_mnist, tmp_path, "samplers", "--ckpt", ckpts / "ddpm" / "ckpt.pt", "--ddim-steps", "3")
+
+
+def test_nll_gives_bits_per_dim_with_every_term(ckpts, tiny_mnist, tmp_path, capsys):
+    rows = bench.main(["nll", "--ckpt", str(ckpts / "ddpm" / "ckpt.pt"), "--samples", "6", "--sample-batch-size",
+                       "4", "--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path), "--device", "cpu"])
+    assert [r["sigma"] for r in rows] == ["posterior", "beta"] and all(r["images"] == 6 for r in rows)
+    for r in rows:  # T = 20: L_0 .. L_19 and L_T, summing to the bound
+        assert len(r["terms"]) == 21 and min(r["terms"]) >= 0 and r["standard_error"] > 0
+        assert sum(r["terms"]) == pytest.approx(r["bits_per_dim"])
+    assert "terms" not in (tmp_path / "nll.txt").read_text()  # the list stays in the JSON
+    bad = [(["--samples", "1"], "--samples 1: a standard error needs 2 images or more"),
+           (["--samples", "300"], "--samples 300: the test split of mnist has 256 images"),
+           (["--ckpt", str(ckpts / "latent" / "ckpt.pt")], "is not a checkpoint of ddpm.py or ddim.py")]
+    for argv, message in bad:
+        with pytest.raises(SystemExit):
+            bench.main(["nll", "--ckpt", str(ckpts / "ddpm" / "ckpt.pt"), "--data-dir", str(tiny_mnist),
+                        "--out-dir", str(tmp_path), "--device", "cpu", *argv])
+        assert message in capsys.readouterr().err
+
+
 def test_guidance_sweep_scores_every_w(ckpts, tiny_mnist, tmp_path, capsys):
     rows = run(capsys, tiny_mnist, tmp_path, "guidance-sweep", "--ckpt", ckpts / "conditional" / "ckpt.pt",
                "--sampling-steps", "2")

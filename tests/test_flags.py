@@ -245,7 +245,7 @@ def test_ddim_samples_a_checkpoint_without_fetching_its_dataset(tmp_path, capsys
                "--device", "cpu"])
     out = capsys.readouterr().out
     assert not data.exists() and "no inversion figure: mnist is not in" in out
-    assert "2 steps, eta 0, 2 network evaluations an image" in out
+    assert "DDIM, eta 0, 2 steps, 2 network evaluations an image" in out
     assert (tmp_path / "o" / "samples.png").is_file() and not (tmp_path / "o" / "inversion.png").exists()
 
 

@@ -33,8 +33,16 @@ def write_results(folder):
         {"task": "denoise", "images": "baseline", "psnr": 14.9, "fid": 25.2},
         {"task": "superres", "images": "restored", "psnr": 14.7, "fid": 4.6, "resample": 3},
         {"task": "superres", "images": "baseline", "psnr": 14.3, "fid": 66.1, "resample": 3}]}
+    samplers = {"sweep": "samplers", "samples": 1000, "hardware": HARDWARE, "rows": [
+        {"sampler": sampler, "eta": eta, "evaluations": n, "fid": 10 / n ** 0.5 + (eta or 0)}
+        for sampler, eta in bench.SAMPLERS for n in (5, 10, 20)],
+        "reference": [{"sampler": "Alg. 2, 1,000 steps", "fid": 3.3}, {"sampler": "the ODE", "fid": 5.9}]}
+    nll = {"sweep": "nll", "samples": 100, "hardware": HARDWARE, "rows": [
+        {"sigma": sigma, "bits_per_dim": 1.5 + k, "terms": [1.0 + k, 0.1, 0.01, 0.001, 1e-5]}
+        for k, sigma in enumerate(("posterior", "beta"))]}
     for name, result in (("ddim_sweep_cpu.json", ddim), ("guidance_sweep_cpu.json", guidance),
-                         ("restoration_cpu.json", restoration)):
+                         ("restoration_cpu.json", restoration), ("samplers_cpu.json", samplers),
+                         ("nll_cpu.json", nll)):
         (folder / name).write_text(json.dumps(result))
     log = "step,loss,lr,img_s\n100,0.2,0.002,220.5\n200,0.08,0.0015,225.0\n300,0.05,0.0005,224.1\n"
     (folder / "ddpm_mnist_cpu_log.csv").write_text(log)
@@ -123,3 +131,22 @@ def test_the_committed_guidance_and_restoration_files_hold_what_the_plots_read()
         rows = [r for r in result["rows"] if r["task"] == task and r.get("resample", 1) == 1]
         assert sorted(r["images"] for r in rows) == ["baseline", "restored"], task
         assert all(r["psnr"] > 0 and r["fid"] > 0 for r in rows), task
+
+
+def test_the_committed_sampler_rows_are_those_of_the_sweeps_text_output():
+    result = committed("samplers_cpu.json")
+    lines = (ROOT / "samples" / "samplers_cpu.txt").read_text().splitlines()
+    assert lines[-1].startswith("1000 samples per row, cpu") and result["samples"] == 1000
+    for r, line in zip(result["rows"], lines[:-1], strict=True):
+        fields = line.split()
+        for key, value in zip(fields[::2], fields[1::2]):
+            assert str(r[key]) == value or r[key] == pytest.approx(float(value), rel=1e-3), (key, line)
+    assert [ref["fid"] for ref in result["reference"]] == [3.26, 5.93]  # Alg. 2; DDIM eta 0 at S = 100
+
+
+def test_the_committed_bound_holds_every_term():
+    result = committed("nll_cpu.json")
+    assert [r["sigma"] for r in result["rows"]] == ["posterior", "beta"]
+    for r in result["rows"]:
+        assert r["images"] == 1000 and len(r["terms"]) == 1001  # L_0 .. L_999 and L_T
+        assert sum(r["terms"]) == pytest.approx(r["bits_per_dim"])

@@ -58,6 +58,12 @@ def test_each_technique_section_shows_a_picture_of_its_own(script):
     assert own, f"README.md's ## {script} section embeds no samples/{script[:-3]}_* picture"
 
 
+# The front-door issue: 400 lines then, and at most 40 for each section a later issue adds (the
+# samplers in ddim.py's section, the measured bound in "From the bound to L_simple").
+LATER_SECTIONS = ("samplers", "the bound")
+
+
 def test_the_readme_fits_its_length():
     lines = (ROOT / "README.md").read_text().splitlines()
-    assert len(lines) <= 400, f"README.md has {len(lines)} lines, at most 400"
+    limit = 400 + 40 * len(LATER_SECTIONS)
+    assert len(lines) <= limit, f"README.md has {len(lines)} lines, at most {limit}"

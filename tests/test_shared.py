@@ -86,6 +86,9 @@ def test_the_idea_comes_first(script):
         assert sections[3].startswith("Restoring"), sections
         sections[3:4] = ["Training: Alg. 1", "Sampling"]  # in their place, so the rest is checked alike
     assert sections[3] == "Training: Alg. 1" and sections[4].startswith("Sampling"), sections
+    extra = {"ddim.py": "Sampling: more solvers", "ddpm.py": "The variational bound"}  # after sampling
+    if script in extra:
+        assert sections.pop(5).startswith(extra[script]), sections
     assert sections[5:] == ["Data", "Pictures", "Checkpoints", "Configuration and command line", "Main"]
     assert next(i for i, line in enumerate(lines, 1) if line.startswith("def make_schedule")) <= 60
 
@@ -94,8 +97,10 @@ def test_the_idea_comes_first(script):
 # evaluate.py 400, bench.py 320 (+40 for checked inputs, +150 for the plots), and the front-door issue
 # 10 more for each technique script. Plain code with the memory estimate, the checks at load and
 # log.csv took more: these are the sizes reached, over those budgets (samples/README.md says by what).
-BUDGETS = {"ddpm.py": 580, "ddim.py": 650, "conditional.py": 790, "latent.py": 770, "evaluate.py": 400,
-           "restore.py": 520, "bench.py": 520}
+# Then the samplers issue gave ddim.py 80 lines, the bound issue ddpm.py 50, and bench.py took their
+# sweeps and plots (samplers 64, nll 51).
+BUDGETS = {"ddpm.py": 630, "ddim.py": 730, "conditional.py": 790, "latent.py": 770, "evaluate.py": 400,
+           "restore.py": 520, "bench.py": 640}
 
 
 @pytest.mark.parametrize("script", sorted(BUDGETS))
