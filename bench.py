@@ -110,9 +110,7 @@ def sampler_sweep(args, device):
     for sampler, eta in SAMPLERS:
         for S in steps:
             x0, secs = timed(lambda: run(sampler, eta, S, args.samples), device)
-            rmse = None
-            if n_ref:
-                rmse = (x0[:n_ref] - reference).pow(2).mean().sqrt().item() * 127.5
+            rmse = (x0[:n_ref] - reference).pow(2).mean().sqrt().item() * 127.5 if n_ref else None
             rows.append({"sampler": sampler, "eta": eta, "evaluations": S,
                          **metrics(score(ddim.to_uint8(x0), config, args)), "rmse": rmse,
                          "seconds": secs, "img_s": args.samples / secs})
@@ -390,9 +388,10 @@ def plot_samplers(path):
     """(e) FID against network evaluations for each of ddim.py's samplers; references as lines."""
     result, caption = read_result(path)
     fig, (ax,) = figure(1, "ddim.py's samplers on MNIST: FID against network evaluations", caption)
+    names = {"dpm++2m": "DPM-Solver++(2M)", "pndm": "PNDM", "sde": "SDE, Euler-Maruyama"}
     for sampler, eta in SAMPLERS:
         rows = [r for r in result["rows"] if r["sampler"] == sampler and r["eta"] == eta]
-        label = f"DDIM, eta = {eta:g}" if sampler == "ddim" else sampler
+        label = f"DDIM, eta = {eta:g}" if sampler == "ddim" else names[sampler]
         ax.plot([r["evaluations"] for r in rows], [r["fid"] for r in rows], "-o", label=label)
     for ref, style in zip(result.get("reference", []), (":", "--")):
         ax.axhline(ref["fid"], color="k", linestyle=style, label=ref["sampler"])
@@ -401,8 +400,9 @@ def plot_samplers(path):
     ax.set_xticks(evaluations, [str(n) for n in evaluations])
     ax.set_xticks([], minor=True)
     ax.set_yscale("log")  # the SDE's few-step FIDs are 10x the others'
-    ax.yaxis.set_major_formatter("{x:g}")
-    ax.yaxis.set_minor_formatter("{x:g}")
+    ticks = [v for v in (2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100, 150) if v < ax.get_ylim()[1]]
+    ax.set_yticks(ticks, [str(v) for v in ticks])
+    ax.set_yticks([], minor=True)
     ax.set_xlabel("network evaluations per image (log scale)")
     ax.set_ylabel("FID against the MNIST test split (log scale, lower is better)")
     legend(ax, ncols=2)
