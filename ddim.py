@@ -305,7 +305,7 @@ def predict_x0(xt, eps_pred, ab, clip_x0=True):
 def dpmpp_2m_step(xt, eps_pred, ab, ab_prev, history, clip_x0=True):
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), in the data-prediction form for the VP schedule:
     with lambda = log(sqrt(ab) / sqrt(1 - ab)) and h = lambda_prev - lambda, one step is exact for
-    an x_0 prediction that is linear in lambda; history holds the last step's (h, x0_pred). First
+    an x_0 prediction that is linear in lambda; history keeps the last step's (h, x0_pred). First
     order on the first step and on the step to x_0 (lambda = inf), as k-diffusion does."""
     x0_pred = predict_x0(xt, eps_pred, ab, clip_x0)
     h = (ab_prev / (1 - ab_prev)).log() / 2 - (ab / (1 - ab)).log() / 2
@@ -314,7 +314,7 @@ def dpmpp_2m_step(xt, eps_pred, ab, ab_prev, history, clip_x0=True):
         h_last, x0_last = history[-1]
         r = h_last / h
         D = (1 + 1 / (2 * r)) * x0_pred - 1 / (2 * r) * x0_last
-    history.append((h, x0_pred))
+    history[:] = [(h, x0_pred)]  # the next step's h_{i-1} and x0_{i-1}
     # x_prev = (sigma_prev / sigma) x_t - alpha_prev (e^-h - 1) D; at ab_prev = 1 it is D itself
     return ((1 - ab_prev) / (1 - ab)).sqrt() * xt - ab_prev.sqrt() * torch.expm1(-h) * D
 
@@ -325,9 +325,9 @@ def pndm_step(xt, eps_pred, ab, ab_prev, history, clip_x0=True):
     """PNDM (Liu et al. 2022, Eq. 11-12): Adams-Bashforth's eps' = (55 e_0 - 59 e_1 + 37 e_2 -
     9 e_3) / 24, e_k the eps of k steps before (in history), then DDIM's eta = 0 step (their
     "transfer" phi) with eps'. As iPNDM, the first three steps take the 1- to 3-step formulas."""
-    history.append(eps_pred)
-    coefficients = ADAMS_BASHFORTH[min(len(history), 4) - 1]
-    eps_prime = sum(c * e for c, e in zip(coefficients, reversed(history)))
+    history[:] = [eps_pred, *history[:3]]  # the last four eps, newest first
+    coefficients = ADAMS_BASHFORTH[len(history) - 1]
+    eps_prime = sum(c * e for c, e in zip(coefficients, history))
     zero = torch.zeros_like(ab)
     return ddim_step(xt, eps_prime, ab, ab_prev, zero, zero, clip_x0)
 
@@ -374,11 +374,11 @@ def generate(model, n, shape, alpha_bar, timesteps, eta, seed, batch_size, n_fra
     gen, out, frames = torch.Generator(alpha_bar.device).manual_seed(seed), [], []
     for start in range(0, n, batch_size):
         x = torch.randn((min(batch_size, n - start), *shape), device=gen.device, generator=gen)
-        keep = 0 if start else n_frames
+        n_keep = 0 if start else n_frames
         if sampler == "ddim":
-            x, f = ddim_sample_loop(model, x, alpha_bar, timesteps, eta, gen, keep)
+            x, f = ddim_sample_loop(model, x, alpha_bar, timesteps, eta, gen, n_keep)
         else:
-            x, f = solver_sample_loop(model, x, alpha_bar, timesteps, sampler, gen, keep)
+            x, f = solver_sample_loop(model, x, alpha_bar, timesteps, sampler, gen, n_keep)
         out, frames = out + [to_uint8(x)], frames or f
     return torch.cat(out), frames
 # %% Data

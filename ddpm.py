@@ -283,8 +283,8 @@ def decoder_nll(x0, mean, var):
 def vlb_terms(model, x0, betas, alpha_bar, generator=None):
     """Eq. 5 for a batch of x_0 in float64: {sigma: (B, T + 1) nats per image}, columns L_0, L_1,
     .., L_{T-1}, L_T, with sigma_t^2 = beta_tilde_t ("posterior") and beta_t ("beta") from the
-    same T evaluations of eps_theta. beta_tilde_1 is 0: L_0 takes beta_tilde_2 (as Nichol &
-    Dhariwal's code does). p_theta's mean is the sampler's, p_sample_step's with x_0 clipped."""
+    same T evaluations of eps_theta. beta_tilde_1 is 0: there L_0 takes beta_tilde_2 (as DDPM's
+    code does for both; "beta" takes beta_1). p_theta's mean is p_sample_step's, x_0 clipped."""
     T, ab_T = len(betas), alpha_bar[-1]
     prior = gaussian_kl(ab_T.sqrt() * x0, 1 - ab_T, torch.zeros_like(ab_T), torch.ones_like(ab_T))
     tilde = betas[1:] * (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:])  # beta_tilde for t >= 2

@@ -47,6 +47,7 @@ def test_ddim_sweep_scores_and_times_every_setting(ckpts, tiny_mnist, tmp_path, 
     assert [(r["S"], r["eta"]) for r in rows] == [(5, 0.0), (5, 1.0)]  # only the S asked for
 
 
+@pytest.mark.slow  # 13 s: ten rows, each scored
 def test_samplers_sweep_scores_each_sampler_from_the_same_noise(ckpts, tiny_mnist, tmp_path, capsys):
     rows = run(capsys, tiny_mnist, tmp_path, "samplers", "--ckpt", ckpts / "ddpm" / "ckpt.pt", "--ddim-steps",
                "4,20", "--reference-samples", "8")

@@ -51,7 +51,8 @@ def test_the_prior_term_of_the_linear_schedule_is_near_zero():
     betas, alpha_bar = ddpm.make_schedule("linear", 1000)
     ab = alpha_bar[-1]
     prior = ddpm.gaussian_kl(ab.sqrt() * LEVELS, 1 - ab, torch.tensor(0.0), torch.tensor(1.0))
-    assert 3.9e-5 < ab < 4.1e-5 and prior.max() < 2.1e-5 and prior.min() >= 0
+    assert 3.9e-5 < ab < 4.1e-5 and prior.min() >= 0
+    assert prior.max() == pytest.approx(-0.5 * math.log(1 - ab)) and prior.max() < 2.1e-5  # at |x_0| = 1
 
 
 def discretised_gaussian(m, s):
@@ -82,7 +83,6 @@ def test_the_bound_is_at_least_the_exact_nll_and_tightens_with_T():
     so the tightening is checked on beta_tilde."""
     P = discretised_gaussian(0.1, 0.4)
     entropy = -(P * P.log()).sum().item()
-    assert entropy == pytest.approx(5.2908, abs=1e-4)
     coarse, fine = bound_of_gaussian_data(100, 0.1, 0.4, 20_000), bound_of_gaussian_data(1000, 0.1, 0.4, 20_000)
     for bound in (coarse, fine):
         for mean, se in bound.values():

@@ -173,7 +173,7 @@ def test_command_line_end_to_end(tiny_mnist, tmp_path):
     for name in ("ckpt.pt", "forward.png", "samples_000005.png", "samples.png", "reverse.gif",
                  "interpolation.png", "inversion.png"):
         assert (out / name).is_file(), name
-    assert "10 steps, eta 0, 10 network evaluations an image" in r.stdout and "RMSE" in r.stdout
+    assert "DDIM, eta 0, 10 steps, 10 network evaluations an image" in r.stdout and "RMSE" in r.stdout
     assert torch.load(out / "ckpt.pt", weights_only=True)["script"] == "ddim"
     assert Image.open(out / "interpolation.png").size == (10 * 30 + 2, 4 * 30 + 2)
     assert Image.open(out / "inversion.png").size == (8 * 30 + 2, 4 * 30 + 2)

@@ -83,7 +83,7 @@ def test_the_step_to_x0_returns_the_prediction():
     assert torch.allclose(out, ddim.predict_x0(xt, eps, ab, clip_x0=False))
 
 
-def test_pndm_uses_adams_bashforth():
+def test_the_adams_bashforth_formulas_integrate_polynomials_exactly():
     """Each formula sums to 1 (a constant eps is kept) and integrates t, t^2, t^3 exactly."""
     for k, coefficients in enumerate(ddim.ADAMS_BASHFORTH, 1):
         for power in range(k):  # the mean of t^p over the step [0, 1], from t = 0, -1, -2, ...
