@@ -3,10 +3,10 @@
     python ddim.py --dataset mnist                      # trains as ddpm.py: 12.2 min on 2 CPUs
     python ddim.py --sample-only --ckpt runs/ddpm/ckpt.pt --sampling-steps 50 --eta 0
 
-Training is DDPM's Alg. 1, unchanged: DDIM needs no retraining, and samples ddpm.py's checkpoints
-too. Sampling is DDIM's generalised step (Eq. 12) on S of the T steps; eta = 0 makes it
-deterministic, which also encodes images to x_T (inversion) and interpolates between them. Outputs
-go to runs/ddim/. As a notebook, Run all trains with the defaults; main(["--steps", "300"]) too.
+Training is DDPM's Alg. 1, unchanged: DDIM samples ddpm.py's checkpoints too. Sampling is DDIM's
+generalised step (Eq. 12) on S of the T steps; eta = 0 makes it deterministic, which also encodes
+images to x_T and interpolates; --sampler dpm++2m, pndm or sde solve the same ODE to higher order,
+or the reverse SDE. Outputs: runs/ddim/. As a notebook, Run all trains; main(["--steps", "300"]).
 """
 # %% Imports
 import argparse, contextlib, copy, hashlib, io, math, os, re, signal, sys, tempfile, time
