@@ -5,6 +5,7 @@ OUT_DIR/NAME.json.
     python bench.py ddim-sweep --ckpt runs/ddpm/ckpt.pt           # S x eta, DDIM's Table 1 on MNIST
     python bench.py samplers --ckpt runs/ddpm/ckpt.pt     # ddim.py's samplers at 5-50 evaluations
     python bench.py nll --ckpt checkpoints/ddpm_mnist.pt --samples 1000   # bits/dim, DDPM's Eq. 5
+    python bench.py flow --ckpt runs/flow/ckpt.pt,runs/flow_uniform/ckpt.pt   # Euler, Heun: 5-100
     python bench.py guidance-sweep --ckpt runs/conditional/ckpt.pt --sampling-steps 50   # w
     python bench.py guidance-sweep --ckpt runs/conditional/ckpt.pt --sampling-steps 50 \\
         --classifier runs/conditional/classifier.pt      # and classifier guidance beside it
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-import conditional, ddim, ddpm, evaluate, latent, restore
+import conditional, ddim, ddpm, evaluate, flow, latent, restore
 
 DDIM_STEPS, DDIM_ETAS = (10, 20, 50, 100, 1000), (0.0, 1.0)  # DDIM Table 1's S and eta
 SAMPLERS = (("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", None), ("pndm", None), ("sde", None))
 EVALUATIONS = (5, 10, 20, 50)  # network evaluations per image: the samplers sweep's S
+FLOW_EVALUATIONS = (5, 10, 20, 50, 100)  # the flow sweep's (Heun: 2N - 1 of them, at most these)
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)  # the w of the guidance table (Ho & Salimans Table 1)
 CLASSIFIER_SCALES = (1.0, 2.0, 4.0, 8.0)  # the s of classifier guidance (Dhariwal & Nichol Fig. 3)
 
@@ -115,6 +117,35 @@ def sampler_sweep(args, device):
                          **metrics(score(ddim.to_uint8(x0), config, args)), "rmse": rmse,
                          "seconds": secs, "img_s": args.samples / secs})
             print(row_text(rows[-1]), flush=True)
+    return rows
+
+def flow_sweep(args, device):
+    """For each flow.py checkpoint of --ckpt (comma-separated), Euler and Heun at each of
+    --ddim-steps network evaluations (Heun's N steps make 2N - 1: the N that makes most, at most
+    as many): --samples images from the same x_1, timed and scored."""
+    rows = []
+    for path in args.ckpt.split(","):
+        ckpt = flow.load_checkpoint(Path(path), keys=("image_shape", "ema"))
+        config, shape = ckpt["config"], ckpt["image_shape"]
+        check_scored(config)
+        model = flow.build_model(config, shape[0]).to(device)
+        model.load_state_dict(ckpt["ema"])
+        gen = torch.Generator().manual_seed(args.seed)
+        batches = torch.randn((args.samples, *shape), generator=gen).to(device).split(
+            args.sample_batch_size)  # x_1, the same for every row
+        for sampler in flow.STEPS:
+            for n in args.ddim_steps or FLOW_EVALUATIONS:
+                steps = (n + 1) // 2 if sampler == "heun" else n
+                def run():
+                    x0 = [flow.sample_loop(model, x, steps, sampler)[0] for x in batches]
+                    return torch.cat(x0)
+                x0, secs = timed(run, device)
+                rows.append({"ckpt": path, "t_sampling": config["t_sampling"],
+                             "seed": config["seed"], "sampler": sampler,
+                             "evaluations": flow.evaluations(sampler, steps),
+                             **metrics(score(flow.to_uint8(x0), config, args)),
+                             "seconds": secs, "img_s": args.samples / secs})
+                print(row_text(rows[-1]), flush=True)
     return rows
 
 def nll(args, device):
@@ -412,6 +443,32 @@ def plot_samplers(path):
     legend(ax, ncols=2)
     return fig
 
+def plot_flow(path):
+    """(g) FID against network evaluations: flow.py's samplers and training times (seed 0), and
+    ddim.py's on the 12-minute ddpm.py model from samplers_cpu.json beside it, with Alg. 2's."""
+    result, caption = read_result(path)
+    fig, (ax,) = figure(1, "flow.py and ddpm.py on MNIST: FID against network evaluations", caption)
+    for how, style in (("logit-normal", "-o"), ("uniform", "--s")):
+        for i, sampler in enumerate(flow.STEPS):
+            rows = [r for r in result["rows"]
+                    if (r["t_sampling"], r["sampler"], r["seed"]) == (how, sampler, 0)]
+            ax.plot([r["evaluations"] for r in rows], [r["fid"] for r in rows], style,
+                    color=f"C{i}", label=f"flow.py, {sampler}, {how} t")
+    ddpm_result = read_result(path.with_name("samplers_cpu.json"))[0]
+    for i, (sampler, eta, name) in enumerate((("ddim", 1.0, "DDIM eta = 1"),
+                                              ("dpm++2m", None, "DPM-Solver++(2M)"))):
+        rows = [r for r in ddpm_result["rows"] if r["sampler"] == sampler and r["eta"] == eta]
+        ax.plot([r["evaluations"] for r in rows], [r["fid"] for r in rows], ":^",
+                color=f"C{i + 2}", label=f"ddpm.py's model, {name}")
+    alg2 = ddpm_result["reference"][0]
+    ax.axhline(alg2["fid"], color="k", linestyle=":", label=alg2["sampler"])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per image (log scale)")
+    ax.set_ylabel("FID against the MNIST test split (log scale, lower is better)")
+    legend(ax, ncols=2)
+    return fig
+
 def plot_nll(path):
     """(f) Each term of the bound against t, in bits per dimension: where the bits go."""
     result, caption = read_result(path)
@@ -501,6 +558,7 @@ def plot_restoration(path):
 PLOTS = {"plot_ddim_fid.png": (plot_ddim, "ddim_sweep_cpu.json"),
          "plot_samplers.png": (plot_samplers, "samplers_cpu.json"),
          "plot_nll_terms.png": (plot_nll, "nll_cpu.json"),
+         "plot_flow.png": (plot_flow, "flow_cpu.json"),
          "plot_guidance.png": (plot_guidance, "guidance_sweep_cpu.json"),
          "plot_training_loss.png": (plot_loss, "ddpm_mnist_cpu_log.csv"),
          "plot_restoration.png": (plot_restoration, "restoration_cpu.json")}
@@ -530,7 +588,7 @@ def row_text(r):  # a list (the nll's terms) is left to the JSON
     fields = [(k, v) for k, v in r.items() if not isinstance(v, list)]
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields)
 
-SWEEPS = {"ddim-sweep": ddim_sweep, "samplers": sampler_sweep, "nll": nll,
+SWEEPS = {"ddim-sweep": ddim_sweep, "samplers": sampler_sweep, "nll": nll, "flow": flow_sweep,
           "guidance-sweep": guidance_sweep, "restoration": restoration,
           "reconstructions": reconstructions, "latent-vs-pixel": latent_vs_pixel, "memory": memory}
 
@@ -576,7 +634,8 @@ def build_parser():
                    help="guidance-sweep: the classifier's s (default: 1,2,4,8)")
     p.add_argument("--ddim-steps", type=listed(positive),
                    help="ddim-sweep: the S, like 10,20 (default: those of 10,20,50,100,1000 <= T); "
-                   "samplers: the network evaluations (default: 5,10,20,50)")
+                   "samplers: the network evaluations (default: 5,10,20,50); flow: those "
+                   "(default: 5,10,20,50,100)")
     p.add_argument("--spacing", choices=("uniform", "quadratic"), default="uniform",
                    help="ddim-sweep and samplers: the spacing of the steps")
     p.add_argument("--reference-samples", type=ddpm.COUNT, default=100,

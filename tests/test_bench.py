@@ -10,6 +10,7 @@ from PIL import Image
 import bench
 import conditional
 import ddpm
+import flow
 import latent
 
 TINY = ["--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20",
@@ -26,6 +27,9 @@ def ckpts(tiny_mnist, tmp_path_factory):
     conditional.main([*common, "--out-dir", str(out / "conditional"), "--train-classifier"])
     latent.main([*common, "--out-dir", str(out / "latent"), "--ae-channels", "8", "--ae-batch-size", "8",
                  "--ae-steps", "3", "--sampling-steps", "10"])
+    no_t = [arg for arg in common if arg not in ("--timesteps", "20")]  # flow.py has no T
+    flow.main([*no_t, "--out-dir", str(out / "flow"), "--sampling-steps", "2"])
+    flow.main([*no_t, "--out-dir", str(out / "flow_uniform"), "--sampling-steps", "2", "--t-sampling", "uniform"])
     return out
 
 
@@ -34,6 +38,17 @@ def run(capsys, tiny_mnist, tmp_path, *argv):
                        "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path), "--device", "cpu"])
     capsys.readouterr()
     return rows
+
+
+def test_flow_sweep_scores_each_sampler_and_checkpoint_from_the_same_noise(ckpts, tiny_mnist, tmp_path, capsys):
+    paths = f"{ckpts / 'flow' / 'ckpt.pt'},{ckpts / 'flow_uniform' / 'ckpt.pt'}"
+    rows = run(capsys, tiny_mnist, tmp_path, "flow", "--ckpt", paths, "--ddim-steps", "2,5")
+    assert [(r["t_sampling"], r["sampler"], r["evaluations"]) for r in rows] == [
+        (how, sampler, n) for how in ("logit-normal", "uniform") for sampler, n in
+        (("euler", 2), ("euler", 5), ("heun", 1), ("heun", 5))]  # Heun: 3 steps make 5, 1 step 1
+    assert all(r["fid"] > 0 and r["img_s"] > 0 and r["seed"] == 0 for r in rows)
+    with pytest.raises(SystemExit):  # a ddpm.py checkpoint is not flow.py's
+        run(capsys, tiny_mnist, tmp_path, "flow", "--ckpt", ckpts / "ddpm" / "ckpt.pt")
 
 
 def test_ddim_sweep_scores_and_times_every_setting(ckpts, tiny_mnist, tmp_path, capsys):

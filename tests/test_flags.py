@@ -14,11 +14,12 @@ import bench
 import conditional
 import ddim
 import ddpm
+import flow
 import latent
 import restore
 from conftest import ROOT
 
-SCRIPTS = ("ddpm.py", "ddim.py", "conditional.py", "latent.py", "restore.py", "evaluate.py", "bench.py")
+SCRIPTS = ("ddpm.py", "ddim.py", "conditional.py", "latent.py", "restore.py", "evaluate.py", "bench.py", "flow.py")
 MODULES = {"ddpm": ddpm, "ddim": ddim, "conditional": conditional, "latent": latent}
 SAMPLERS = (ddim, conditional, latent)  # the scripts that sample on fewer steps than T
 TINY = ["--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20",
@@ -272,5 +273,5 @@ def test_a_checkpoint_that_predates_a_flag_takes_its_default(tiny_mnist, tmp_pat
 
 def test_run_flags_are_named_and_come_first():
     """RUN_FLAGS name the flags a checkpoint fixes; FLAGS lists them first, in that order."""
-    for module in (ddpm, ddim, conditional, latent):
+    for module in (ddpm, ddim, conditional, latent, flow):
         assert list(module.FLAGS)[:len(module.RUN_FLAGS)] == list(module.RUN_FLAGS)

@@ -18,6 +18,7 @@ import conditional
 import ddim
 import ddpm
 import evaluate
+import flow
 import latent
 import restore
 from conftest import ROOT
@@ -26,6 +27,7 @@ TINY = ["--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1", "--t
         "--batch-size", "8", "--sample-batch-size", "16", "--num-samples", "16", "--log-every", "5",
         "--sample-every", "0"]
 LATENT = ["--ae-channels", "8", "--ae-batch-size", "8"]
+FLOW = [arg for arg in TINY if arg not in ("--timesteps", "20")]  # flow.py's path has no T
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
@@ -130,9 +132,11 @@ def test_temporary_files_are_per_process(tmp_path, monkeypatch):
     ("ddim.py", "--eta", "nan", "--eta: must be in [0, 1], got nan"),
     ("conditional.py", "--guidance", "inf", "--guidance: must be non-negative"),
     ("latent.py", "--kl-weight", "nan", "--kl-weight: must be non-negative, got nan"),
+    ("flow.py", "--lr", "inf", "--lr: must be positive, got inf"),
 ])
 def test_non_finite_flags_are_refused(capsys, tmp_path, script, flag, value, message):
-    module = {"ddpm.py": ddpm, "ddim.py": ddim, "conditional.py": conditional, "latent.py": latent}[script]
+    module = {"ddpm.py": ddpm, "ddim.py": ddim, "conditional.py": conditional, "latent.py": latent,
+              "flow.py": flow}[script]
     expect_usage_error(module, capsys, [flag, value, "--out-dir", tmp_path], message)
 
 
@@ -183,9 +187,11 @@ def test_what_would_not_fit_in_memory_is_refused_before_allocating(capsys, tiny_
 # ---- 8. signals: SIGTERM as Ctrl-C; the first stops at the next step, a second at once ----
 
 @pytest.mark.slow  # a real process or kernel
-def test_sigterm_saves_a_checkpoint_that_resumes(tiny_mnist, tmp_path):
-    common = ["--data-dir", tiny_mnist, "--out-dir", tmp_path, *TINY, "--ckpt-every", 1000, "--log-every", 1000]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "ddpm.py"), *map(str, common), "--steps", "100000"],
+@pytest.mark.parametrize("script", ["ddpm.py", "flow.py"])
+def test_sigterm_saves_a_checkpoint_that_resumes(tiny_mnist, tmp_path, script):
+    tiny = FLOW if script == "flow.py" else TINY
+    common = ["--data-dir", tiny_mnist, "--out-dir", tmp_path, *tiny, "--ckpt-every", 1000, "--log-every", 1000]
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, common), "--steps", "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
     while "img/s" not in proc.stderr.read(64) and time.time() < deadline:  # training has begun
@@ -196,7 +202,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_mnist, tmp_path):
     assert proc.returncode == 130 and "stopped at step" in stdout
     k = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
     assert 0 < k < 1000  # saved at once, not at the next --ckpt-every or --log-every
-    r = run_cli("ddpm.py", *common, "--steps", k + 3, "--resume")
+    r = run_cli(script, *common, "--steps", k + 3, "--resume")
     assert r.returncode == 0 and f"trained at step {k + 3}" in r.stdout, r.stderr[-2000:]
 
 
@@ -236,6 +242,24 @@ def test_hand_edited_checkpoints_end_in_one_line(capsys, tiny_mnist, tmp_path, e
     torch.save(ckpt, tmp_path / "edited.pt")
     expect_usage_error(ddpm, capsys, ["--sample-only", "--ckpt", tmp_path / "edited.pt", "--out-dir", tmp_path],
                        "edited.pt: its weights do not fit its own config; it is damaged")
+
+
+@pytest.mark.parametrize("edit", ["config a string", "NaN weights", "a ddpm.py checkpoint"])
+def test_flow_refuses_damaged_and_foreign_checkpoints_in_one_line(capsys, tiny_mnist, tmp_path, edit):
+    flow.main(["--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path), *FLOW, "--steps", "2"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    message = "edited.pt: its weights do not fit its own config; it is damaged"
+    if edit == "config a string":
+        ckpt["config"] = "oops"
+    elif edit == "NaN weights":
+        ckpt["ema"] = {name: torch.full_like(w, math.nan) for name, w in ckpt["ema"].items()}
+        message = "is not finite floats: damaged"
+    else:
+        ckpt["script"], message = "ddpm", "edited.pt is not a checkpoint of flow.py (it says 'ddpm')"
+    torch.save(ckpt, tmp_path / "edited.pt")
+    expect_usage_error(flow, capsys, ["--sample-only", "--ckpt", tmp_path / "edited.pt", "--out-dir", tmp_path / "o"],
+                       message)
+    assert not (tmp_path / "o" / "samples.png").exists()
 
 
 def test_resume_takes_equal_flags_and_refuses_other_images(capsys, tmp_path):
