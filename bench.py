@@ -469,6 +469,25 @@ def plot_flow(path):
     legend(ax, ncols=2)
     return fig
 
+def plot_minutes(path):
+    """(h) FID against training minutes on 2 CPU cores, one run per point (its cosine decay ending
+    where it stops; rows in the order of minutes), each sampler a line; images seen on top."""
+    result, caption = read_result(path)
+    fig, (ax,) = figure(1, "ddpm.py on MNIST: what each CPU minute buys", caption)
+    for sampler in dict.fromkeys(r["sampler"] for r in result["rows"]):  # in the file's order
+        rows = [r for r in result["rows"] if r["sampler"] == sampler]
+        ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], "-o", label=sampler)
+    rate = result["rows"][0]["images_seen"] / result["rows"][0]["minutes"]  # images per minute
+    top = ax.secondary_xaxis("top", functions=(lambda m: m * rate, lambda n: n / rate))
+    top.set_xlabel(f"images seen (at {rate / 60:.0f} img/s)")
+    ax.axhline(result["floor_fid"], color="k", linestyle=":", label="1,000 real images")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training minutes on 2 CPU cores (log scale)")
+    ax.set_ylabel("FID of 1,000 samples (log scale, lower is better)")
+    legend(ax)
+    return fig
+
 def plot_nll(path):
     """(f) Each term of the bound against t, in bits per dimension: where the bits go."""
     result, caption = read_result(path)
@@ -559,6 +578,7 @@ PLOTS = {"plot_ddim_fid.png": (plot_ddim, "ddim_sweep_cpu.json"),
          "plot_samplers.png": (plot_samplers, "samplers_cpu.json"),
          "plot_nll_terms.png": (plot_nll, "nll_cpu.json"),
          "plot_flow.png": (plot_flow, "flow_cpu.json"),
+         "plot_minutes.png": (plot_minutes, "ddpm_minutes_cpu.json"),
          "plot_guidance.png": (plot_guidance, "guidance_sweep_cpu.json"),
          "plot_training_loss.png": (plot_loss, "ddpm_mnist_cpu_log.csv"),
          "plot_restoration.png": (plot_restoration, "restoration_cpu.json")}

@@ -5,8 +5,8 @@ rectified flow (Liu et al. 2022, https://arxiv.org/abs/2209.03003) in one file.
     python flow.py --sample-only --ckpt checkpoints/flow_mnist.pt --sampling-steps 10
     torchrun --nproc_per_node 2 flow.py --dataset mnist  # data-parallel, one process per GPU
 
-The network learns the velocity eps - x_0 of the straight line from an image x_0 (t = 0) to noise
-eps (t = 1); sampling integrates dx/dt = v_theta(x, t) back from t = 1 to 0, with Euler's or
+The network is trained on the velocity eps - x_0 of the straight line from an image x_0 (t = 0) to
+noise eps (t = 1); sampling integrates dx/dt = v_theta(x, t) back from t = 1 to 0, with Euler's or
 Heun's method. Outputs go to runs/flow/. As a notebook (jupytext --to notebook flow.py), Run all
 trains with the defaults; main(["--steps", "300"]) too. `diff ddpm.py flow.py` is the technique.
 """
@@ -25,22 +25,23 @@ SCRIPT = "flow"
 # T steps. (DDPM's t = T is noise too; its x_t shrinks the image by sqrt(alpha_bar_t) as the
 # noise grows, where this path trades one for the other in a straight line.)
 def interpolate(x0, t, eps):
-    """x_t = (1 - t) x_0 + t eps: rectified flow's path (Liu et al. 2022, Eq. 1), the same as flow
-    matching's optimal-transport path with sigma_min = 0 (Lipman et al. 2023, Eq. 20-22)."""
+    """x_t = (1 - t) x_0 + t eps: rectified flow's path (Liu et al. 2022, Eq. 1), flow matching's
+    optimal-transport path with sigma_min = 0 (Lipman et al. 2023, Eq. 20-22). Both run time the
+    other way (their t is 1 - t here, their x_0 the noise); this is Esser et al. 2024's (Sec. 3)."""
     t = t.view(-1, 1, 1, 1)
     return (1 - t) * x0 + t * eps
 
 def sample_t(n, how, generator, device):
-    """The training times: logit-normal, the sigmoid of N(0, 1), which puts most of them in the
-    middle of the path, where the velocity is hardest to predict (Esser et al. 2024, Sec. 3.1,
-    the best of their 61 formulations in Tab. 1); or uniform on [0, 1], as the two papers train."""
+    """The training times: logit-normal, the sigmoid of N(0, 1), which puts most of them mid-path,
+    where the best velocity is least trivial (at t = 0 it is -x, at t = 1 x minus the data's mean;
+    Esser et al. 2024, Sec. 3.1, first of 61 formulations in Sec. 5.1, Tab. 1); or uniform."""
     if how == "logit-normal":
         return torch.sigmoid(torch.randn(n, device=device, generator=generator))
     return torch.rand(n, device=device, generator=generator)
 
 # The network is ddpm.py's U-Net, word for word (where its docstring says eps_theta, here it
-# predicts v): its sinusoidal embedding has frequencies from 1 down to 1/10,000 radian per unit
-# of time, made for DDPM's steps 0..999. Over t in [0, 1] even the fastest would turn less than a
+# predicts v): its sinusoidal embedding has frequencies from 1 towards 1/10,000 radian per unit
+# of time, made for DDPM's steps 0..999. Over t in [0, 1] even the fastest would turn at most one
 # radian and the embedding would hardly change with t; over 1000 t they span the path as they
 # span DDPM's 1,000 steps.
 TIME_SCALE = 1000
@@ -241,9 +242,10 @@ def euler_step(model, x, t, t_next):
     return x + (t_next - t) * velocity(model, x, t)
 
 def heun_step(model, x, t, t_next):
-    """Karras et al. 2022, Alg. 1 lines 5-8: Euler's step to x', then the trapezoid rule with the
-    velocity there: second order, two evaluations. The step to t = 0 stays Euler's, as in Alg. 1,
-    where the net is least trained (logit-normal t seldom comes near 0): N steps take 2N - 1."""
+    """Karras et al. 2022, Alg. 1 lines 4-8: Euler's step to x', then the trapezoid rule with the
+    velocity there: second order, two evaluations. The step to t = 0 stays Euler's as in Alg. 1,
+    which must (it divides by sigma = 0); here it saves an evaluation where logit-normal t seldom
+    trained the network: N steps take 2N - 1."""
     v = velocity(model, x, t)
     x_euler = x + (t_next - t) * v
     if t_next == 0:
@@ -253,8 +255,8 @@ def heun_step(model, x, t, t_next):
 STEPS = {"euler": euler_step, "heun": heun_step}
 
 def sample_loop(model, x, steps, sampler="heun", n_frames=0):
-    """dx/dt = v_theta(x, t) from x at t = 1 (x_1 ~ N(0, I)) to t = 0 in steps equal steps of t,
-    as minRF samples; returns x_0 and n_frames x_t of 64 images."""
+    """dx/dt = v_theta(x, t) from x at t = 1 (x_1 ~ N(0, I)) to t = 0 in `steps` equal steps of t,
+    as minRF samples; returns x_0 and up to n_frames x_t of 64 images, from x_1 to x_0."""
     ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
     keep = torch.linspace(1, steps, n_frames - 1).round().long().tolist() if n_frames else ()
     frames = [x[:64].clamp(-1, 1).cpu()] if n_frames else []  # the GIF starts from the noise
@@ -335,7 +337,7 @@ def grid(images, nrow=8):  # a uint8 (N, C, H, W) batch as one picture, nrow x n
     g = torchvision.utils.make_grid(images[:nrow * nrow], nrow=nrow, pad_value=255)
     return Image.fromarray(g.permute(1, 2, 0).squeeze(-1).numpy())
 def save_forward(x0, generator, path):
-    """forward.png: a row per image of x_0, and x_t on the straight path at 10 t from 0 to 1."""
+    """forward.png: a row per image, x_t on the straight path at 10 t from 0 (x_0) to 1 (eps)."""
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     ts = torch.linspace(0, 1, 10, device=x0.device)
     xt = torch.stack([interpolate(x0, t.repeat(len(x0)), eps) for t in ts], 1)
@@ -444,7 +446,7 @@ FLAGS = {
     "base_channels": ((64, 16), WIDTH, "U-Net width at full resolution"),
     "channel_mult": (("1,2,2", "1,2,4"), MULT, "width per U-Net level, each halving H and W"),
     "num_res_blocks": ((2, 1), POSITIVE, "residual blocks per U-Net level"),
-    "t_sampling": ("logit-normal", ("logit-normal", "uniform"), "training t: sigmoid(N(0, 1)), U"),
+    "t_sampling": ("logit-normal", ("logit-normal", "uniform"), "sigmoid(N(0, 1)) or U(0, 1)"),
     "data_dir": ("data", str, "where torchvision datasets live or are downloaded"),
     "out_dir": (f"runs/{SCRIPT}", str, "checkpoint, sample grids and GIFs go here"),
     "ckpt": (None, str, "checkpoint to write, resume or sample (default: OUT_DIR/ckpt.pt)"),
@@ -462,7 +464,7 @@ FLAGS = {
     "npz": (None, lambda s: s.removesuffix(".npz") + ".npz", "also save them, uint8 NHWC"),
     "sample_batch_size": ((1000, 64), POSITIVE, "images per sampling batch"),
     "sampler": ("heun", tuple(STEPS), "Euler's method or Heun's (Karras et al. 2022, Alg. 1)"),
-    "sampling_steps": (10, POSITIVE, "steps from t = 1 to 0 (Heun: 2 network evaluations each)"),
+    "sampling_steps": (10, POSITIVE, "steps, t = 1 to 0 (Heun: 2 evaluations each but the last)"),
     "device": ("auto", ("auto", "cuda", "mps", "cpu"), "auto picks cuda, then mps, then cpu"),
 }
 # The flags that a checkpoint fixes: its network, training times and data. Sampling takes them.
