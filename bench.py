@@ -464,6 +464,9 @@ def plot_flow(path):
     ax.axhline(alg2["fid"], color="k", linestyle=":", label=alg2["sampler"])
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks([5, 10, 20, 50, 100], ["5", "10", "20", "50", "100"])
+    ax.set_yticks([3, 4, 5, 6, 8, 10], ["3", "4", "5", "6", "8", "10"])
+    ax.minorticks_off()
     ax.set_xlabel("network evaluations per image (log scale)")
     ax.set_ylabel("FID against the MNIST test split (log scale, lower is better)")
     legend(ax, ncols=2)
@@ -477,15 +480,19 @@ def plot_minutes(path):
     for sampler in dict.fromkeys(r["sampler"] for r in result["rows"]):  # in the file's order
         rows = [r for r in result["rows"] if r["sampler"] == sampler]
         ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], "-o", label=sampler)
+    ax.axhline(result["floor_fid"], color="k", linestyle=":", label="1,000 real images")
+    ax.set(xscale="log", yscale="log", xlabel="training minutes on 2 CPU cores (log scale)",
+           ylabel="FID of 1,000 samples (log scale, lower is better)")
+    minutes = sorted({r["minutes"] for r in result["rows"]})
+    ax.set_xticks(minutes, [f"{m:.0f}" for m in minutes], minor=False)
+    ax.set_yticks([0.5, 1, 2, 3, 4, 6], ["0.5", "1", "2", "3", "4", "6"])
+    ax.minorticks_off()
     rate = result["rows"][0]["images_seen"] / result["rows"][0]["minutes"]  # images per minute
     top = ax.secondary_xaxis("top", functions=(lambda m: m * rate, lambda n: n / rate))
+    top.set_xticks([m * rate for m in minutes], [f"{m * rate / 1000:.0f}k" for m in minutes])
     top.set_xlabel(f"images seen (at {rate / 60:.0f} img/s)")
-    ax.axhline(result["floor_fid"], color="k", linestyle=":", label="1,000 real images")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training minutes on 2 CPU cores (log scale)")
-    ax.set_ylabel("FID of 1,000 samples (log scale, lower is better)")
-    legend(ax)
+    top.minorticks_off()
+    ax.legend(loc="upper right", fontsize=8)
     return fig
 
 def plot_nll(path):

@@ -27,9 +27,6 @@ def ckpts(tiny_mnist, tmp_path_factory):
     conditional.main([*common, "--out-dir", str(out / "conditional"), "--train-classifier"])
     latent.main([*common, "--out-dir", str(out / "latent"), "--ae-channels", "8", "--ae-batch-size", "8",
                  "--ae-steps", "3", "--sampling-steps", "10"])
-    no_t = [arg for arg in common if arg not in ("--timesteps", "20")]  # flow.py has no T
-    flow.main([*no_t, "--out-dir", str(out / "flow"), "--sampling-steps", "2"])
-    flow.main([*no_t, "--out-dir", str(out / "flow_uniform"), "--sampling-steps", "2", "--t-sampling", "uniform"])
     return out
 
 
@@ -40,8 +37,13 @@ def run(capsys, tiny_mnist, tmp_path, *argv):
     return rows
 
 
+@pytest.mark.slow  # 8 s: two tiny flow.py runs and eight rows, each scored
 def test_flow_sweep_scores_each_sampler_and_checkpoint_from_the_same_noise(ckpts, tiny_mnist, tmp_path, capsys):
-    paths = f"{ckpts / 'flow' / 'ckpt.pt'},{ckpts / 'flow_uniform' / 'ckpt.pt'}"
+    common = ["--data-dir", str(tiny_mnist), *[arg for arg in TINY if arg not in ("--timesteps", "20")]]  # no T
+    flow.main([*common, "--out-dir", str(tmp_path / "flow"), "--sampling-steps", "2"])
+    flow.main([*common, "--out-dir", str(tmp_path / "flow_uniform"), "--sampling-steps", "2", "--t-sampling",
+               "uniform"])
+    paths = f"{tmp_path / 'flow' / 'ckpt.pt'},{tmp_path / 'flow_uniform' / 'ckpt.pt'}"
     rows = run(capsys, tiny_mnist, tmp_path, "flow", "--ckpt", paths, "--ddim-steps", "2,5")
     assert [(r["t_sampling"], r["sampler"], r["evaluations"]) for r in rows] == [
         (how, sampler, n) for how in ("logit-normal", "uniform") for sampler, n in

@@ -68,7 +68,8 @@ def test_resume_from_a_slim_checkpoint_says_it_holds_no_optimizer_state(slim_ckp
 
 # ---- the checkpoints shipped in checkpoints/ ----
 
-SHIPPED = {"ddpm_mnist.pt": ddpm, "conditional_mnist.pt": conditional, "latent_mnist.pt": latent}
+SHIPPED = {"ddpm_mnist.pt": ddpm, "conditional_mnist.pt": conditional, "latent_mnist.pt": latent,
+           "flow_mnist.pt": flow}
 # The recipe; --steps may differ: a shipped model may train longer than the default (README says so).
 TRAINING = ("lr", "batch_size", "warmup", "lr_decay", "grad_clip", "ema_decay", "seed")
 STAGE1 = ("ae_steps", "ae_batch_size", "kl_weight", "ae_ckpt")  # latent.py's autoencoder, not reused
@@ -103,7 +104,8 @@ def test_a_shipped_checkpoint_is_slim_and_was_written_by_this_code_with_its_cpu_
 @pytest.mark.parametrize("script,name,argv", [pytest.param(ddpm, "ddpm", [], marks=pytest.mark.slow),
                                               (ddim, "ddpm", ["--sampling-steps", "20", "--eta", "1"]),
                                               (conditional, "conditional", ["--sampling-steps", "20"]),
-                                              (latent, "latent", ["--sampling-steps", "20"])])
+                                              (latent, "latent", ["--sampling-steps", "20"]),
+                                              (flow, "flow", [])])
 def test_a_shipped_checkpoint_samples_digits(script, name, argv, tmp_path):
     out = tmp_path / "out"
     script.main(["--sample-only", "--ckpt", str(ROOT / "checkpoints" / f"{name}_mnist.pt"), "--out-dir", str(out),

@@ -375,7 +375,8 @@ def test_bad_input_in_a_real_process_prints_one_line(tmp_path):
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-@pytest.mark.parametrize("decay", [False, True])
+# The constant rate (the CUDA default) in the full suite only: 7 s, and the quick check's 3 minutes.
+@pytest.mark.parametrize("decay", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_learning_rate_warms_up_then_is_constant_or_decays_to_zero(tmp_path, decay):
     """The shared loop's schedule: a linear warm-up, then constant, or with --lr-decay a cosine to 0."""
     model = ddpm.UNet(1, base=8, mult=(1,), num_res_blocks=1)

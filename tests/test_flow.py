@@ -4,8 +4,6 @@ that flow matching learns has a closed form, and so does its loss: v*(x, t) = E[
 loss at v* is E_t[s^2 / sigma_t^2]. The ODE dx/dt = v* carries x_1 = z to x_0 = m + s z, so Euler's
 and Heun's errors can be measured against the exact map. Then the script end to end, tiny."""
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -109,6 +107,7 @@ TINY = ["--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1", "--b
         "--no-lr-decay"]  # so that a run of 2 steps follows the learning rates of one of 4
 
 
+@pytest.mark.slow  # bit-exact resume: three training runs
 def test_train_sample_resume_and_npz(tiny_mnist, tmp_path, capsys):
     """Trained, the outputs of the others; resumed from step 2 it ends with the weights of an unbroken
     run; sampled, it prints its evaluations, and evaluate.py reads its --npz."""
@@ -139,10 +138,11 @@ def test_train_sample_resume_and_npz(tiny_mnist, tmp_path, capsys):
     (["--sample-only", "--ckpt", str(ROOT / "checkpoints" / "ddpm_mnist.pt")],
      "is not a checkpoint of flow.py (it says 'ddpm')"),
 ])
-def test_mistakes_end_in_one_line(argv, message, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "flow.py"), *argv, "--out-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+def test_mistakes_end_in_one_line(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        flow.main([*argv, "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_a_checkpoint_fixes_its_training_times(tiny_mnist, tmp_path, capsys):

@@ -245,9 +245,8 @@ def test_hand_edited_checkpoints_end_in_one_line(capsys, tiny_mnist, tmp_path, e
 
 
 @pytest.mark.parametrize("edit", ["config a string", "NaN weights", "a ddpm.py checkpoint"])
-def test_flow_refuses_damaged_and_foreign_checkpoints_in_one_line(capsys, tiny_mnist, tmp_path, edit):
-    flow.main(["--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path), *FLOW, "--steps", "2"])
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+def test_flow_refuses_damaged_and_foreign_checkpoints_in_one_line(capsys, ckpts, tmp_path, edit):
+    ckpt = torch.load(ckpts / "flow" / "ckpt.pt", weights_only=True)
     message = "edited.pt: its weights do not fit its own config; it is damaged"
     if edit == "config a string":
         ckpt["config"] = "oops"
@@ -297,11 +296,12 @@ def test_an_empty_class_folder_is_refused(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def ckpts(tiny_mnist, tmp_path_factory):
-    """A tiny ddpm.py and a tiny conditional.py checkpoint (and evaluate.py's cache, were anything scored)."""
+    """A tiny ddpm.py, conditional.py and flow.py checkpoint (and evaluate.py's cache, were anything scored)."""
     out = tmp_path_factory.mktemp("ckpts")
     common = ["--data-dir", str(tiny_mnist), *TINY, "--steps", "2"]
     ddpm.main([*common, "--out-dir", str(out / "ddpm")])
     conditional.main([*common, "--out-dir", str(out / "conditional"), "--sampling-steps", "2"])
+    flow.main(["--data-dir", str(tiny_mnist), *FLOW, "--steps", "2", "--out-dir", str(out / "flow")])
     return out
 
 
