@@ -109,6 +109,34 @@ def test_guidance_sweep_scores_every_w(ckpts, tiny_mnist, tmp_path, capsys):
     assert rows[-1]["fid"] > 0 and rows[-1]["fid"] != rows[-2]["fid"] and 0 <= rows[-1]["accuracy"] <= 1
 
 
+def test_speckles_are_bright_pixels_with_no_bright_neighbour():
+    images = torch.zeros(4, 1, 6, 6, dtype=torch.uint8)
+    images[0, 0, 0, 0] = 255  # alone in a corner: a speckle
+    images[1, 0, 2, 2:4] = 200  # a stroke two pixels long: none
+    images[2, 0, 1, 1], images[2, 0, 2, 2] = 255, 255  # diagonal neighbours: none
+    images[3, 0, 4, 4], images[3, 0, 1, 1] = 63, 64  # too dim, and just bright enough
+    mask = bench.speckles(images)
+    assert mask.flatten(1).sum(1).tolist() == [1, 0, 0, 1]
+    assert mask[0, 0, 0, 0] and mask[3, 0, 1, 1]
+
+
+@pytest.mark.slow  # 9 s: seven rows, each scored
+def test_speckle_sweep_changes_one_cause_at_a_time_from_the_same_noise(ckpts, tiny_mnist, tmp_path, capsys):
+    rows = run(capsys, tiny_mnist, tmp_path, "speckles", "--ckpt", ckpts / "conditional" / "ckpt.pt")
+    assert [r["run"] for r in rows] == ["test images", *[name for name, _ in bench.SPECKLE_RUNS]]
+    assert [(r["w"], r["steps"], r["eta"], r["clip_x0"]) for r in rows[1:]] == [  # S = 50 and 200 are T = 20
+        (1, 20, 0, True), (1, 20, 0, False), (0, 20, 0, True), (1, 20, 0, True), (1, 20, 0.2, True),
+        (1, 20, 0.5, True), (1, 20, 1, True)]
+    assert rows[1]["fid"] == rows[4]["fid"] and rows[1]["speckled"] == rows[4]["speckled"]  # the same x_T
+    assert rows[1]["fid"] != rows[7]["fid"]
+    assert all(0 <= r["speckled"] <= 1 and r["per_image"] >= r["speckled"] for r in rows)
+    assert all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows[1:])
+    picture = np.asarray(Image.open(tmp_path / "speckles.png"))
+    assert picture.shape == (2 + 7 * (3 * 28 + 2), 2 + 10 * (3 * 28 + 2), 3)  # a row per run, 0 to 9
+    with pytest.raises(SystemExit):  # a ddpm.py checkpoint has no classes
+        run(capsys, tiny_mnist, tmp_path, "speckles", "--ckpt", ckpts / "ddpm" / "ckpt.pt")
+
+
 def test_reconstructions_and_the_latent_against_pixel_timing(ckpts, tiny_mnist, tmp_path, capsys):
     (r,) = run(capsys, tiny_mnist, tmp_path, "reconstructions", "--ckpt", ckpts / "latent" / "ckpt.pt")
     assert r["images"] == 130 and r["fid"] > 0 and r["fid_over_floor"] == pytest.approx(r["fid"] / r["floor_fid"])

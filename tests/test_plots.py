@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import bench
+import conditional
 import restore
 from conftest import ROOT
 
@@ -157,3 +158,13 @@ def test_the_committed_bound_holds_every_term():
     for r in result["rows"]:
         assert r["images"] == 1000 and len(r["terms"]) == 1001  # L_0 .. L_999 and L_T
         assert sum(r["terms"]) == pytest.approx(r["bits_per_dim"])
+
+
+def test_conditional_samples_by_default_with_the_eta_that_the_committed_speckle_sweep_chose():
+    result = committed("conditional_speckles_cpu.json")
+    rows = {r["run"]: r for r in result["rows"]}
+    assert rows["test images"]["speckled"] == 0
+    default = conditional.FLAGS["eta"][0]
+    (chosen,) = [r for r in result["rows"][1:] if (r["eta"], r["w"], r["steps"], r["clip_x0"]) == (
+        default, 1, conditional.FLAGS["sampling_steps"][0], True)]
+    assert chosen["speckled"] < rows["eta 0"]["speckled"] / 5 and chosen["fid"] <= rows["eta 0"]["fid"]
