@@ -29,6 +29,7 @@ EVALUATIONS = (5, 10, 20, 50)  # network evaluations per image: the samplers swe
 FLOW_EVALUATIONS = (5, 10, 20, 50, 100)  # the flow sweep's (Heun: 2N - 1 of them, at most these)
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)  # the w of the guidance table (Ho & Salimans Table 1)
 CLASSIFIER_SCALES = (1.0, 2.0, 4.0, 8.0)  # the s of classifier guidance (Dhariwal & Nichol Fig. 3)
+OUT_DIR = "runs/bench"  # where a sweep writes, unless --out-dir
 # The speckle sweep's runs, each one change to w = 1, S = 50, eta 0 with x_0 clipped
 SPECKLE_RUNS = (("eta 0", {}), ("eta 0, x_0 not clipped", {"clip_x0": False}),
                 ("eta 0, w = 0", {"w": 0.0}), ("eta 0, S = 200", {"steps": 200}),
@@ -228,8 +229,9 @@ def guidance_sweep(args, device):
     return rows
 
 def speckles(images, bright=64):
-    """The isolated bright pixels of uint8 (N, 1, H, W) images, a mask: >= bright, with none of
-    their 8 neighbours >= bright. MNIST's strokes are never one pixel wide."""
+    """The isolated bright pixels of uint8 (N, 1, H, W) images, a mask: >= bright (a quarter of
+    white: fainter grain is left out), with none of their 8 neighbours >= bright. MNIST's strokes
+    are never one pixel wide."""
     on = (images >= bright).float()
     neighbours = torch.nn.functional.conv2d(on, torch.ones(1, 1, 3, 3), padding=1) - on
     return (on > 0) & (neighbours == 0)
@@ -238,24 +240,28 @@ def speckle_sweep(args, device):
     """conditional.py's samples at w = 1, DDIM S = 50, eta 0 (x_0 clipped), then with each
     candidate cause of speckles changed (SPECKLE_RUNS), from the same x_T and labels: the share of
     samples with a speckle (an isolated bright pixel), speckles per image, FID, accuracy; and the
-    real test images' counts. speckles.png: a row per run, 0 to 9, each speckle marked red."""
+    real test images' counts. speckles.png: a row per run, 0 to 9, each speckle marked red. One
+    generator draws x_T, then each run's z in turn: the sweep reproduces as a whole."""
     ckpt, config, alpha_bar = load(conditional, args.ckpt, device)
     check_scored(config)
     classes, shape = len(ckpt["classes"]), ckpt["image_shape"]
+    if shape[0] != 1:
+        raise ValueError(f"speckles counts grey images; {args.ckpt} makes {shape[0]} channels")
     model = conditional.build_model(config, shape[0], classes)
     model.to(device).load_state_dict(ckpt["ema"])
     gen = torch.Generator(device).manual_seed(args.seed)
     labels = conditional.cycle_labels(args.samples, classes, device)
     x_T = torch.randn((args.samples, *shape), device=device, generator=gen)
     real = evaluate.load_dataset(config["dataset"], args.data_dir)[2][:args.samples]
-    count = speckles(real.permute(0, 3, 1, 2)[:, :1]).flatten(1).sum(1).float()
+    count = speckles(real.permute(0, 3, 1, 2)).flatten(1).sum(1).float()
     rows = [{"run": "test images", "speckled": (count > 0).float().mean().item(),
              "per_image": count.mean().item()}]
     picture = []
     for name, change in SPECKLE_RUNS:
         run = {"w": 1.0, "steps": 50, "eta": 0.0, "clip_x0": True} | change
         run["steps"] = min(run["steps"], len(alpha_bar))  # S is at most T
-        taus, images = conditional.sampling_timesteps(len(alpha_bar), run["steps"]), []
+        taus = conditional.sampling_timesteps(len(alpha_bar), run["steps"])
+        images = []
         for x, y in zip(x_T.split(args.sample_batch_size), labels.split(args.sample_batch_size)):
             def eps(x, t):  # classifier-free guidance's noise, as conditional.generate's
                 return conditional.guided_eps(model, x, t, y, run["w"], classes)
@@ -263,16 +269,18 @@ def speckle_sweep(args, device):
                                              clip_x0=run["clip_x0"])[0]
             images.append(conditional.to_uint8(x))
         images = torch.cat(images)
-        mask = speckles(images[:, :1])
+        mask = speckles(images)
         count = mask.flatten(1).sum(1).float()
         r = score(images, config, args, labels.cpu().numpy())
         rows.append({"run": name, **run, "speckled": (count > 0).float().mean().item(),
                      "per_image": count.mean().item(), **metrics(r), "accuracy": r["accuracy"]})
         print(row_text(rows[-1]), flush=True)
-        marked = images[:10, :1].repeat(1, 3, 1, 1).permute(0, 2, 3, 1)  # 0 to 9, as RGB
+        marked = images[:10].repeat(1, 3, 1, 1).permute(0, 2, 3, 1)  # 0 to 9, as RGB
         marked[mask[:10, 0]] = torch.tensor([255, 0, 0], dtype=torch.uint8)  # the speckles red
-        picture.append(marked.permute(0, 3, 1, 2).repeat_interleave(3, 2).repeat_interleave(3, 3))
-    conditional.grid(torch.cat(picture), nrow=10).save(args.out_dir / "speckles.png")
+        marked = marked.permute(0, 3, 1, 2)  # 3x larger, or a one-pixel speck is hard to see:
+        picture.append(marked.repeat_interleave(3, 2).repeat_interleave(3, 3))
+    path = Path(args.out_dir or OUT_DIR) / "speckles.png"
+    conditional.grid(torch.cat(picture), nrow=10).save(path)
     return rows
 
 def reconstructions(args, device):
@@ -747,8 +755,7 @@ def main(argv=None):
             return plots(Path(args.results_dir), Path(args.out_dir or "samples"))
         except ValueError as e:
             parser.error(str(e))
-    out = Path(args.out_dir or "runs/bench")
-    args.out_dir = out  # where a sweep's pictures go
+    out = Path(args.out_dir or OUT_DIR)
     try:  # each mistake ends here in one line: before any work, or found before the sweep's work
         if args.sweep != "memory" and not args.ckpt:
             raise ValueError(f"{args.sweep} needs --ckpt, the checkpoint to measure")

@@ -619,8 +619,8 @@ FLAGS = {
                "classes to sample (default: --num-samples images cycling through the classes)"),
     "sampling_steps": (50, POSITIVE, "S, the steps of the sampler's time grid, 1 to T (left "
                        "out: T where the default is more; S = T with --eta 1 is DDPM's Alg. 2)"),
-    # eta 0.5, not 0: at w = 1, S = 50, 2% of samples speckled against 16%, at a lower FID; eta 0
-    # keeps the specks of the mid-way x_0 predictions (samples/conditional_speckles_cpu.json)
+    # eta 0.5, not 0: eta 0 keeps specks of the x_0 that eps_theta predicts early on, eta 0.5
+    # drops most at the same FID (samples/README.md, conditional.py: "Speckles")
     "eta": (0.5, valid(float, lambda v: 0 <= v <= 1, "in [0, 1]"), "the sampler's noise (DDIM "
             "Eq. 16): 0 deterministic, 1 DDPM's posterior variance"),
     "npz": (None, lambda s: s.removesuffix(".npz") + ".npz", "also save them, uint8 NHWC, "

@@ -121,15 +121,23 @@ def test_speckles_are_bright_pixels_with_no_bright_neighbour():
 
 
 @pytest.mark.slow  # 9 s: seven rows, each scored
-def test_speckle_sweep_changes_one_cause_at_a_time_from_the_same_noise(ckpts, tiny_mnist, tmp_path, capsys):
+def test_speckle_sweep_changes_one_cause_at_a_time_from_the_same_noise(ckpts, tiny_mnist, tmp_path, capsys,
+                                                                       monkeypatch):
+    calls, sample_loop = [], conditional.ddim_sample_loop
+    def spy(*args, clip_x0=True):  # what each run asks of the sampler
+        calls.append((args[4], clip_x0))
+        return sample_loop(*args, clip_x0=clip_x0)
+    monkeypatch.setattr(conditional, "ddim_sample_loop", spy)
     rows = run(capsys, tiny_mnist, tmp_path, "speckles", "--ckpt", ckpts / "conditional" / "ckpt.pt")
+    assert calls == [(0, True), (0, False), (0, True), (0, True), (0.2, True), (0.5, True), (1, True)]
     assert [r["run"] for r in rows] == ["test images", *[name for name, _ in bench.SPECKLE_RUNS]]
     assert [(r["w"], r["steps"], r["eta"], r["clip_x0"]) for r in rows[1:]] == [  # S = 50 and 200 are T = 20
         (1, 20, 0, True), (1, 20, 0, False), (0, 20, 0, True), (1, 20, 0, True), (1, 20, 0.2, True),
         (1, 20, 0.5, True), (1, 20, 1, True)]
     assert rows[1]["fid"] == rows[4]["fid"] and rows[1]["speckled"] == rows[4]["speckled"]  # the same x_T
-    assert rows[1]["fid"] != rows[7]["fid"]
-    assert all(0 <= r["speckled"] <= 1 and r["per_image"] >= r["speckled"] for r in rows)
+    assert rows[1]["fid"] != rows[3]["fid"]  # w = 0
+    assert rows[1]["fid"] != rows[7]["fid"]  # eta 1
+    assert all(0 <= r["speckled"] <= 1 and r["per_image"] >= 0 for r in rows)
     assert all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows[1:])
     picture = np.asarray(Image.open(tmp_path / "speckles.png"))
     assert picture.shape == (2 + 7 * (3 * 28 + 2), 2 + 10 * (3 * 28 + 2), 3)  # a row per run, 0 to 9
