@@ -40,6 +40,8 @@ def load(script, path, device, scripts=None):
     scripts = scripts or (script.SCRIPT,)
     ckpt = script.load_checkpoint(Path(path), scripts, keys=("image_shape", "ema"))
     config = ckpt["config"]
+    if config.get("train_classifier"):  # conditional.py --train-classifier's file
+        raise ValueError(f"{path} is a classifier's file: pass it as --classifier")
     alpha_bar64 = script.make_schedule(config["schedule"], config["timesteps"])[1]
     return ckpt, config, alpha_bar64.float().to(device)
 

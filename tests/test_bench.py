@@ -143,6 +143,11 @@ def test_speckle_sweep_changes_one_cause_at_a_time_from_the_same_noise(ckpts, ti
     assert picture.shape == (2 + 7 * (3 * 28 + 2), 2 + 10 * (3 * 28 + 2), 3)  # a row per run, 0 to 9
     with pytest.raises(SystemExit):  # a ddpm.py checkpoint has no classes
         run(capsys, tiny_mnist, tmp_path, "speckles", "--ckpt", ckpts / "ddpm" / "ckpt.pt")
+    for sweep in ("speckles", "guidance-sweep"):  # the classifier's file is not the model's
+        with pytest.raises(SystemExit):
+            bench.main([sweep, "--ckpt", str(ckpts / "conditional" / "classifier.pt"), "--out-dir",
+                        str(tmp_path), "--device", "cpu"])
+        assert "is a classifier's file: pass it as --classifier" in capsys.readouterr().err
 
 
 def test_reconstructions_and_the_latent_against_pixel_timing(ckpts, tiny_mnist, tmp_path, capsys):
