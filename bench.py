@@ -522,7 +522,7 @@ def plot_flow(path):
                                               ("dpm++2m", None, "DPM-Solver++(2M)"))):
         rows = [r for r in ddpm_result["rows"] if r["sampler"] == sampler and r["eta"] == eta]
         ax.plot([r["evaluations"] for r in rows], [r["fid"] for r in rows], ":^",
-                color=f"C{i + 2}", label=f"ddpm.py's model, {name}")
+                color=f"C{i + 2}", label=f"ddpm.py's 12-minute model, {name}")
     alg2 = ddpm_result["reference"][0]
     ax.axhline(alg2["fid"], color="k", linestyle=":", label=alg2["sampler"])
     ax.set_xscale("log")
