@@ -275,8 +275,8 @@ def ddim_sample_loop(model, x, alpha_bar, timesteps, eta=0.0, generator=None, n_
 @torch.no_grad()
 def ddim_invert(model, x0, alpha_bar, timesteps):
     """Encode data to x_T by the deterministic sampler run forward (Sec. 4.3, Eq. 14 as an ODE):
-    x_{tau_i} from x_{tau_{i-1}} with the noise predicted at tau_{i-1}. The same Euler scheme as
-    ddim_sample_loop the other way: decoding returns x0 up to an error that falls as 1/S."""
+    x_{tau_i} from x_{tau_{i-1}} with the noise predicted at tau_{i-1}. ddim_sample_loop with
+    clip_x0=False runs the same Euler steps back, to x0 up to an error that falls as 1/S."""
     ts, x, zero = timesteps.tolist(), x0, torch.zeros((), device=x0.device)
     for i, t_next in enumerate(ts):
         t = torch.full((len(x),), ts[max(i - 1, 0)], device=x.device, dtype=torch.long)
@@ -486,7 +486,8 @@ def save_inversion(model, data, alpha_bar, timesteps, path, n=16, seed=0):
     of originals above their reconstructions. Returns the RMSE in grey levels and the std of x_T."""
     x0 = get_batch(data, n, torch.Generator(data.device).manual_seed(seed))
     xT = ddim_invert(model, x0, alpha_bar, timesteps)
-    original, rec = to_uint8(x0), to_uint8(ddim_sample_loop(model, xT, alpha_bar, timesteps)[0])
+    rec = ddim_sample_loop(model, xT, alpha_bar, timesteps, clip_x0=False)[0]  # clipped: no inverse
+    original, rec = to_uint8(x0), to_uint8(rec)
     rows = torch.stack([original.view(-1, 8, *x0.shape[1:]), rec.view(-1, 8, *x0.shape[1:])], 1)
     grid(rows.flatten(0, 2)).save(path)  # each row of 8 originals over their reconstructions
     return (original.float() - rec.float()).pow(2).mean().sqrt().item(), xT.std().item()

@@ -115,7 +115,8 @@ def test_the_idea_comes_first(script):
 # are the plumbing that it shares word for word with ddpm.py (samples/README.md); bench.py took 62
 # for the flow sweep and its plot, and the shipped-weights issue's 20 (and 4) for the plot of minutes;
 # then 63 for that speckle sweep (its measurement, picture and the candidates it tries).
-BUDGETS = {"flow.py": 574, "ddpm.py": 630, "ddim.py": 730, "conditional.py": 790, "latent.py": 770, "evaluate.py": 400,
+# ddim.py took 1 for a fix: its inversion figure decodes with x_0 unclipped, as it encodes.
+BUDGETS = {"flow.py": 574, "ddpm.py": 630, "ddim.py": 731, "conditional.py": 790, "latent.py": 770, "evaluate.py": 400,
            "restore.py": 520, "bench.py": 793}
 
 
