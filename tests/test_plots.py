@@ -141,14 +141,19 @@ def test_the_committed_guidance_and_restoration_files_hold_what_the_plots_read()
         assert all(r["psnr"] > 0 and r["fid"] > 0 for r in rows), task
 
 
-def test_the_committed_sampler_rows_are_those_of_the_sweeps_text_output():
-    result = committed("samplers_cpu.json")
-    lines = (ROOT / "samples" / "samplers_cpu.txt").read_text().splitlines()
+@pytest.mark.parametrize("name", ["samplers_cpu", "guidance_sweep_cpu"])
+def test_the_committed_rows_are_those_of_the_sweeps_text_output(name):
+    result = committed(name + ".json")
+    lines = (ROOT / "samples" / (name + ".txt")).read_text().splitlines()
     assert lines[-1].startswith("1000 samples per row, cpu") and result["samples"] == 1000
     for r, line in zip(result["rows"], lines[:-1], strict=True):
         fields = line.split()
         for key, value in zip(fields[::2], fields[1::2]):
             assert str(r[key]) == value or r[key] == pytest.approx(float(value), rel=1e-3), (key, line)
+
+
+def test_the_committed_sampler_references_are_the_12_minute_models():
+    result = committed("samplers_cpu.json")
     assert [ref["fid"] for ref in result["reference"]] == [3.26, 5.93]  # Alg. 2; DDIM eta 0 at S = 100
 
 
