@@ -141,7 +141,7 @@ def test_the_committed_guidance_and_restoration_files_hold_what_the_plots_read()
         assert all(r["psnr"] > 0 and r["fid"] > 0 for r in rows), task
 
 
-@pytest.mark.parametrize("name", ["samplers_cpu", "guidance_sweep_cpu"])
+@pytest.mark.parametrize("name", ["samplers_cpu", "guidance_sweep_cpu", "flow_cpu", "flow_seeds_cpu", "flow_120min_cpu"])
 def test_the_committed_rows_are_those_of_the_sweeps_text_output(name):
     result = committed(name + ".json")
     lines = (ROOT / "samples" / (name + ".txt")).read_text().splitlines()
