@@ -539,7 +539,7 @@ def plot_minutes(path):
     """(h) FID against training minutes on 2 CPU cores, one run per point (its cosine decay ending
     where it stops; rows in the order of minutes), each sampler a line; images seen on top."""
     result, caption = read_result(path)
-    fig, (ax,) = figure(1, "ddpm.py on MNIST: what each CPU minute buys", caption)
+    fig, (ax,) = figure(1, "ddpm.py and flow.py on MNIST: what each CPU minute buys", caption)
     for sampler in dict.fromkeys(r["sampler"] for r in result["rows"]):  # in the file's order
         rows = [r for r in result["rows"] if r["sampler"] == sampler]
         ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], "-o", label=sampler)
