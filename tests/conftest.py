@@ -53,6 +53,13 @@ def write_mnist(root, n_train=512, n_test=256, seed=0, folder="MNIST"):
     return Path(root)
 
 
+@pytest.fixture(autouse=True)
+def work_in_a_temporary_folder(tmp_path, monkeypatch):
+    """Each test runs in its own folder: a script's default --out-dir (runs/<script>) and its lock
+    land there, never in the checkout, where a user's own run may hold them."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory):
     """A data dir holding a tiny MNIST: 512 training and 256 test images."""

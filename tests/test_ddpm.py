@@ -25,7 +25,7 @@ TINY = ["--device", "cpu", "--base-channels", "8", "--num-res-blocks", "1", "--t
 def run_cli(*args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two cores: keep parallel processes from thrashing
     return subprocess.run([sys.executable, str(ROOT / "ddpm.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=kw.pop("cwd", ROOT), env=env, timeout=300, **kw)
+                          text=True, cwd=kw.pop("cwd", None), env=env, timeout=300, **kw)
 
 
 def digest(path):

@@ -33,7 +33,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 def run_cli(script, *args, **kw):
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=kw.pop("cwd", ROOT), env=ENV, timeout=300, **kw)
+                          cwd=kw.pop("cwd", None), env=ENV, timeout=300, **kw)
 
 
 def one_line_error(r, message):
