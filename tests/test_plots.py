@@ -173,3 +173,25 @@ def test_conditional_samples_by_default_with_the_eta_that_the_committed_speckle_
     (chosen,) = [r for r in result["rows"][1:] if (r["eta"], r["w"], r["steps"], r["clip_x0"]) == (
         default, 1, conditional.FLAGS["sampling_steps"][0], True)]
     assert chosen["speckled"] < rows["eta 0"]["speckled"] / 5 and chosen["fid"] <= rows["eta 0"]["fid"]
+
+
+def test_the_minutes_rows_are_those_of_the_committed_sweeps_they_name():
+    """plot_minutes.png's points: where a row's source is a committed sweep, its FID is that sweep's
+    row; and every row's images and minutes follow from its steps (batch 32, at the stated rate)."""
+    result = committed("ddpm_minutes_cpu.json")
+    ddim = committed("ddim_sweep_cpu.json")["rows"]
+    flows = {name: committed(name)["rows"] for name in ("flow_cpu.json", "flow_120min_cpu.json")}
+    checked = 0
+    for r in result["rows"]:
+        assert r["images_seen"] == 32 * r["steps"] and r["minutes"] == round(r["images_seen"] / 224.3 / 60, 2)
+        if r["source"].startswith("samples/ddim_mnist_cpu_sweep"):
+            (same,) = [d for d in ddim if d["model"].startswith(f"{r['steps']:,} ") and d["S"] == 50 and d["eta"] == 1]
+        elif r["source"].startswith("samples/flow"):
+            rows = flows[r["source"].split(":")[0].removeprefix("samples/")]
+            (same,) = [f for f in rows if f["sampler"] == "heun" and f["evaluations"] == 19
+                       and f["t_sampling"] == "logit-normal"]
+        else:
+            continue
+        assert r["fid"] == pytest.approx(same["fid"], rel=1e-3), r
+        checked += 1
+    assert checked == 4  # DDIM at 4,500 and 13,500 steps, flow.py at 4,500 and 45,000
